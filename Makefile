@@ -36,7 +36,7 @@ endif
 
 DEB_PKGS := build-essential pkg-config clang libclang-rt-dev libzmq3-dev libmsgpack-dev libev-dev \
             libpcre2-dev libjansson-dev libinih-dev libsystemd-dev libcriterion-dev \
-            libopenblas-dev python3
+            libopenblas-dev libmicrohttpd-dev python3 iproute2 tcpdump
 
 # ---------------------------------------------------------------------------------------------
 # Entry points that install dependencies first, then build in a sub-make.
@@ -109,7 +109,7 @@ ifeq ($(ARCH),x86_64)
 ARCH_FLAGS ?= -march=x86-64-v3
 endif
 
-PKGS := libzmq msgpack libpcre2-8 jansson inih openblas
+PKGS := libzmq msgpack libpcre2-8 jansson inih openblas libmicrohttpd
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS))
 PKG_LIBS := $(shell pkg-config --libs $(PKGS)) -lev
 ifeq ($(HAVE_SYSTEMD),1)

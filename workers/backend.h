@@ -33,7 +33,25 @@ enum fwd_output {
     FWD_LAST = 1,    /* vocab_size floats: logits of the last new position */
     FWD_ALL = 2,     /* n_tokens * vocab_size floats: logits of every new position */
     FWD_LOGIT0 = 3,  /* 1 float: logit of vocabulary id 0 at the last new position (scoring) */
+    FWD_SAMPLE = 4,  /* 1 int32 in `token`: the id drawn from the last new position's logits
+                      * under `sample`; only backends with BACKEND_CAP_SAMPLE accept it */
 };
+
+/* What FWD_SAMPLE draws with. The draw is a pure function of the logits, these parameters and
+ * (seed, stream, step) — the same function the engine's host sampler computes (sampler.h) — so
+ * a backend that samples on its device picks what the host would have picked from the same
+ * logits, up to floating-point summation order. */
+struct fwd_sample {
+    float temperature; /* 0 = greedy */
+    float top_p;       /* (0, 1]; 1 = off */
+    int top_k;         /* >= 0; 0 = off */
+    uint64_t seed;     /* the request's seed */
+    uint64_t stream;   /* the sample's index within its job */
+    uint64_t step;     /* the index of the token being drawn within the sample */
+};
+
+/* backend.caps bits */
+#define BACKEND_CAP_SAMPLE 1u /* forward accepts FWD_SAMPLE */
 
 /* One sequence's share of a forward call. Its first `pos` positions are already in the KV
  * blocks; the call writes K/V for positions [pos, pos + n_tokens) and attends causally over
@@ -49,7 +67,9 @@ struct fwd_seq {
     int n_blocks;               /* entries in block_table; must be
                                  * >= ceil((pos + n_tokens) / BACKEND_BLOCK_TOKENS) */
     enum fwd_output output;
-    float *out;                 /* caller-owned, sized per `output` */
+    float *out;                 /* caller-owned, sized per `output` (unused for FWD_SAMPLE) */
+    const struct fwd_sample *sample; /* FWD_SAMPLE only */
+    int32_t *token;                  /* FWD_SAMPLE only: caller-owned, receives the drawn id */
 };
 
 struct backend_ops {
@@ -67,6 +87,7 @@ struct backend {
     const struct backend_ops *ops;
     const struct model_config *cfg; /* borrowed from the checkpoint, which outlives us */
     int n_kv_blocks;
+    unsigned caps;                  /* BACKEND_CAP_* */
 };
 
 struct checkpoint;
