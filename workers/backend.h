@@ -97,6 +97,12 @@ struct checkpoint;
  * plugin, driver or device is missing, it fails with err saying which. */
 int backend_open(const char *name, const struct checkpoint *ck, const struct backend_params *p,
                  struct backend **out, char *err, size_t err_len);
+/* Opens backend `name` with random weights of cfg's shape that the backend creates itself, on
+ * its device (benchmarks and load tests of big shapes: no host copy of the weights is made).
+ * Only "cuda" supports it; other names fail with err saying so. */
+int backend_open_random(const char *name, const struct model_config *cfg, uint64_t seed,
+                        const struct backend_params *p, struct backend **out, char *err,
+                        size_t err_len);
 /* Frees the backend and clears *be; NULL-safe. */
 void backend_destroy(struct backend **be);
 
