@@ -58,7 +58,7 @@ struct katt_args {
     int n_tokens;                   /* rows of q/out: sum of n_new */
     const struct katt_group *groups;/* device: n_seqs slots (unused ones have n_seqs 0) */
     int ctx_bound;                  /* >= pos + n_new of every sequence */
-    int n_heads, n_kv_heads, head_dim; /* head_dim 64 or 128 */
+    int n_heads, n_kv_heads, head_dim; /* 16, 32, 64 or 128 (hf-reference models use 16) */
     float scale;                    /* 1 / sqrt(head_dim) */
     void *workspace;                /* katt_workspace_bytes(...) bytes of device memory */
 };
