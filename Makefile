@@ -127,7 +127,7 @@ endif
 INCLUDES := -Iprotocol -Iworkers -Ikernels -Iclient -Iorchestrator
 CFLAGS_ALL := -std=c17 -D_GNU_SOURCE $(OPT) -g $(ARCH_FLAGS) $(WARN) -fPIC -pthread -MMD -MP \
               $(SAN_FLAGS) $(INCLUDES) $(PKG_CFLAGS) -DITS_HAVE_CUDA=$(HAVE_CUDA) \
-              -DITSD_TEMPLATES_DIR='"$(PREFIX)/share/its/prompts"' $(CFLAGS)
+              -DITSD_TEMPLATES_DIR='"$(PREFIX)/share/its/prompts"' -DITS_VERSION='"$(VERSION)"' $(CFLAGS)
 LDFLAGS_ALL := -pthread $(SAN_FLAGS) $(LDFLAGS)
 LIBS_ALL := $(PKG_LIBS) -ldl -lm
 
@@ -221,10 +221,10 @@ $(OBJ)/%.cu.o: %.cu
 	@mkdir -p $(@D)
 	@$(if $(filter 1,$(V)),,echo "  NVCC    $<")
 	$(Q)$(NVCC) $(NVCC_FLAGS) -MMD -MP -c $< -o $@
-$(LIB)/libits_cuda.so: $(patsubst %.cu,$(OBJ)/%.cu.o,$(CUDA_SRCS))
+$(LIB)/libits_cuda.so: $(patsubst %.cu,$(OBJ)/%.cu.o,$(CUDA_SRCS)) $(OBJ)/workers/fwd_check.o
 	@mkdir -p $(@D)
 	@$(if $(filter 1,$(V)),,echo "  LD      $@")
-	$(Q)$(NVCC) -shared -o $@ $^ -L$(CUDA_HOME)/lib64 -lcublas -lcublasLt -lcudart_static -ldl -lrt
+	$(Q)$(NVCC) -shared -o $@ $^ -Xlinker --no-undefined -L$(CUDA_HOME)/lib64 -lcublas -lcublasLt -lcudart_static -ldl -lrt -lpthread
 
 # -- tests ------------------------------------------------------------------------------------
 # One Criterion binary holds the whole suite (one summary line); build/tests/test_X holds one
@@ -305,6 +305,12 @@ demo-inner: all-inner
 
 bench-inner: all-inner
 	$(Q)ITS_BUILD=$(abspath $(BUILD)) ./deploy/bench.sh
+ifeq ($(HAVE_CUDA),1)
+	$(Q)if nvidia-smi -L >/dev/null 2>&1; then \
+	    ITS_BUILD=$(abspath $(BUILD)) ITS_COMMIT=$$(git describe --always --dirty 2>/dev/null) \
+	    ./deploy/gpu_session.sh bench; \
+	else echo "== cuda bench skipped: no GPU (nvidia-smi -L failed)"; fi
+endif
 
 # -- install: binaries, libits (+ header, pkg-config file), the cuda plugin, role templates,
 #    example configs, the systemd units and the docs. PREFIX is also baked into itsd's default

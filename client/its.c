@@ -335,6 +335,34 @@ static int its_status_from_proto(const struct proto_status_reply *p, struct its_
     s->workers_per_role[ITS_ROLE_SELECT] = p->roles.select;
     s->queue_depth = p->queue_depth;
     s->in_flight = p->in_flight;
+    s->has_metrics = p->has_metrics;
+    if (p->has_metrics) {
+        const struct proto_metrics *pm = &p->metrics;
+        struct its_metrics *m = &s->metrics;
+        m->requests_ok = pm->requests.ok;
+        m->requests_partial = pm->requests.partial;
+        m->requests_cancelled = pm->requests.cancelled;
+        m->requests_deadline = pm->requests.deadline;
+        m->requests_failed = pm->requests.failed;
+        m->requests_rejected = pm->requests.rejected;
+        m->latency_count = pm->latency.count;
+        m->latency_sum_s = pm->latency.sum_s;
+        m->has_latency_p = pm->latency.has_p50_s && pm->latency.has_p95_s;
+        m->latency_p50_s = m->has_latency_p ? pm->latency.p50_s : 0.0;
+        m->latency_p95_s = m->has_latency_p ? pm->latency.p95_s : 0.0;
+        const struct proto_role_counts *q = &pm->queue_depth, *f = &pm->jobs_in_flight;
+        const struct proto_role_totals *t = &pm->tokens_generated;
+        uint32_t jq[ITS_ROLE_COUNT] = {q->instruct, q->feedback, q->edit, q->select};
+        uint32_t jf[ITS_ROLE_COUNT] = {f->instruct, f->feedback, f->edit, f->select};
+        uint64_t tg[ITS_ROLE_COUNT] = {t->instruct, t->feedback, t->edit, t->select};
+        memcpy(m->jobs_queued, jq, sizeof jq);
+        memcpy(m->jobs_in_flight, jf, sizeof jf);
+        memcpy(m->tokens_generated, tg, sizeof tg);
+        m->heartbeat_misses = pm->heartbeat_misses;
+        m->job_retries = pm->job_retries;
+        m->protocol_errors_frontend = pm->protocol_errors.frontend;
+        m->protocol_errors_backend = pm->protocol_errors.backend;
+    }
     bool ok = true;
     if (p->n_workers > 0) {
         s->workers = calloc(p->n_workers, sizeof *s->workers);
@@ -1748,20 +1776,40 @@ int its_status(its_client_t *c, int timeout_ms, struct its_status **out)
     if (!out)
         return its_fail(c, ITS_ERR_INVALID, "its_status: out is NULL");
     *out = NULL;
-    struct its_req *r = its_req_add(c, ITS_REQ_STATUS, ITS_MODE_SYNC);
-    if (!r)
-        return its_fail(c, ITS_ERR_NO_MEMORY, "out of memory");
-    r->tag = c->next_tag++;
-    struct proto_msg m = {.type = PROTO_STATUS};
-    m.status.tag = r->tag;
-    m.status.has_tag = true;
-    int rc = its_roundtrip(c, r, &m, timeout_ms);
-    if (rc < 0)
-        return rc;
-    *out = r->status;
-    r->status = NULL;
-    its_req_drop(c, r);
-    return 0;
+    int64_t start = its_now_ms();
+    int rc = 0;
+    /* first with the metrics; an itsd that predates them rejects the key (the protocol has no
+     * unknown-key tolerance), and is asked again without it */
+    for (int with_metrics = 1; with_metrics >= 0; with_metrics--) {
+        int wait_ms = timeout_ms;
+        if (timeout_ms >= 0 && !with_metrics) {
+            int64_t left = (int64_t)timeout_ms - (its_now_ms() - start);
+            wait_ms = left > 0 ? (int)left : 1;
+        }
+        struct its_req *r = its_req_add(c, ITS_REQ_STATUS, ITS_MODE_SYNC);
+        if (!r)
+            return its_fail(c, ITS_ERR_NO_MEMORY, "out of memory");
+        r->tag = c->next_tag++;
+        struct proto_msg m = {.type = PROTO_STATUS};
+        m.status.tag = r->tag;
+        m.status.has_tag = true;
+        m.status.metrics = with_metrics;
+        m.status.has_metrics = with_metrics;
+        rc = its_roundtrip(c, r, &m, wait_ms);
+        if (rc == ITS_ERR_DAEMON && with_metrics &&
+            strcmp(c->daemon_code, "bad_field") == 0 &&
+            strstr(its_client_errstr(c), "unknown key 'metrics'")) {
+            its_clear(c);
+            continue;
+        }
+        if (rc < 0)
+            return rc;
+        *out = r->status;
+        r->status = NULL;
+        its_req_drop(c, r);
+        return 0;
+    }
+    return rc;
 }
 
 /* ---- asynchronous reading ------------------------------------------------------------------- */

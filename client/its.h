@@ -154,6 +154,30 @@ struct its_worker {
     uint64_t kv_used;         /* KV positions in use */
 };
 
+/* itsd's live counters: the numbers its Prometheus endpoint (/metrics) serves, as counted
+ * since itsd started. Arrays are indexed by enum its_role. */
+struct its_metrics {
+    /* requests that ended, by how: */
+    uint64_t requests_ok;        /* a full result */
+    uint64_t requests_partial;   /* a partial result (deadline or shutdown cut it short) */
+    uint64_t requests_cancelled; /* cancelled by a client, or its client went away */
+    uint64_t requests_deadline;  /* error deadline: nothing scored in time */
+    uint64_t requests_failed;    /* any other error after acceptance (no_worker, ...) */
+    uint64_t requests_rejected;  /* submits refused before acceptance (busy, bad_field, ...) */
+    /* time from acceptance to the end of every accepted request that ended: */
+    uint64_t latency_count;
+    double latency_sum_s;
+    double latency_p50_s, latency_p95_s; /* estimates; meaningful only when has_latency_p */
+    bool has_latency_p;                  /* false before the first request ended */
+    uint32_t jobs_queued[ITS_ROLE_COUNT];    /* jobs waiting for a worker of the role */
+    uint32_t jobs_in_flight[ITS_ROLE_COUNT]; /* jobs running on workers of the role */
+    uint64_t tokens_generated[ITS_ROLE_COUNT]; /* completion tokens of finished jobs */
+    uint64_t heartbeat_misses; /* workers dropped because their heartbeats stopped */
+    uint64_t job_retries;      /* jobs sent again after a worker was lost or failed them */
+    /* bad frames (and error messages) from clients / from workers */
+    uint64_t protocol_errors_frontend, protocol_errors_backend;
+};
+
 /* itsd's view of the cluster. Free with its_status_free. */
 struct its_status {
     uint32_t workers_per_role[ITS_ROLE_COUNT]; /* live workers, indexed by enum its_role */
@@ -161,6 +185,8 @@ struct its_status {
     uint32_t in_flight;                        /* requests running */
     struct its_worker *workers;                /* n_workers; NULL when none */
     size_t n_workers;
+    bool has_metrics;           /* false from an itsd too old to report them */
+    struct its_metrics metrics; /* meaningful only when has_metrics */
 };
 
 /* ---- events (asynchronous use) -------------------------------------------------------------
@@ -293,8 +319,10 @@ int its_get(its_client_t *c, const char *id, int timeout_ms, struct its_result *
  * request asynchronously, its final event is an ITS_EVENT_ERROR with code "cancelled". */
 int its_cancel(its_client_t *c, const char *id, int timeout_ms);
 
-/* Reads the cluster's state: workers per role, queue depth, requests in flight and the worker
- * list. On success *out is new (free with its_status_free). */
+/* Reads the cluster's state: workers per role, queue depth, requests in flight, the worker
+ * list and itsd's live counters (status->metrics). An itsd older than the metrics answers the
+ * request for them with bad_field; the call then asks again without them and returns the rest
+ * with has_metrics false. On success *out is new (free with its_status_free). */
 int its_status(its_client_t *c, int timeout_ms, struct its_status **out);
 
 /* ---- asynchronous calls -------------------------------------------------------------------------

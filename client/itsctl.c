@@ -61,14 +61,20 @@ static const char itsctl_usage_text[] =
     "      --drafts N  --feedbacks N  --edits N  --feedbacks-per-edit N\n"
     "                        override itsd's pipeline defaults\n"
     "      --include-drafts  unedited drafts also compete in selection\n"
+    "      --max-tokens SPEC --temperature SPEC --top-p SPEC\n"
+    "                        per-stage sampling: SPEC is one value for all three generating\n"
+    "                        stages, or STAGE=VALUE[,STAGE=VALUE...] with STAGE instruct,\n"
+    "                        feedback or edit (e.g. --max-tokens instruct=256,feedback=128)\n"
     "      --seed N          make the request reproducible\n"
     "      --timeout SECONDS itsd's deadline for the request, and how long itsctl waits\n"
     "                        (plus a short grace for the partial result); without it itsctl\n"
     "                        waits for itsd's own deadline but gives up when itsd has not\n"
     "                        accepted the request within 10 s\n"
     "      --json            print the whole result as one JSON object\n"
-    "  status [--json]       workers per role, queue depth, requests in flight\n"
+    "  status [--json]       workers per role, queue depth, requests in flight, and itsd's\n"
+    "                        counters: requests by outcome, latency, jobs, tokens, errors\n"
     "  workers [--json]      one line per worker: id role model backend state load capacity\n"
+    "      --watch SECONDS   (status, workers) print again every SECONDS until Ctrl-C\n"
     "  get ID [--json]       a finished request's result, or a running one's progress\n"
     "  cancel ID             cancel a request\n"
     "  keygen [--out PREFIX] write a new CURVE key pair to PREFIX.key (mode 0600) and its\n"
@@ -199,6 +205,77 @@ static int itsctl_parse_seconds(const char *flag, const char *s, int *ms)
     double m = ceil(v * 1000.0);
     *ms = m < 1 ? 1 : (int)m;
     return 0;
+}
+
+enum itsctl_sampling_key { ITSCTL_MAX_TOKENS, ITSCTL_TEMPERATURE, ITSCTL_TOP_P };
+
+/* Sets `key` in one stage's overrides from text; ranges are libits' to check. */
+static int itsctl_set_sampling(const char *flag, enum itsctl_sampling_key key, const char *v,
+                               struct its_sampling_options *so)
+{
+    if (key == ITSCTL_MAX_TOKENS) {
+        if (itsctl_parse_u32(flag, v, &so->max_tokens) != 0)
+            return -1;
+        so->has_max_tokens = true;
+        return 0;
+    }
+    char *end;
+    errno = 0;
+    double d = *v ? strtod(v, &end) : NAN;
+    if (!*v || errno || *end || !isfinite(d)) {
+        itsctl_error("%s: '%s' is not a number", flag, v);
+        return -1;
+    }
+    if (key == ITSCTL_TEMPERATURE) {
+        so->temperature = d;
+        so->has_temperature = true;
+    } else {
+        so->top_p = d;
+        so->has_top_p = true;
+    }
+    return 0;
+}
+
+/* Parses a per-stage SPEC: "VALUE" (all three generating stages) or
+ * "STAGE=VALUE[,STAGE=VALUE...]" with STAGE instruct, feedback or edit. */
+static int itsctl_parse_sampling(const char *flag, enum itsctl_sampling_key key,
+                                 const char *spec, struct its_options *o)
+{
+    struct its_sampling_options *stages[] = {&o->instruct, &o->feedback, &o->edit};
+    static const char *const names[] = {"instruct", "feedback", "edit"};
+    if (!strchr(spec, '=')) {
+        for (int i = 0; i < 3; i++)
+            if (itsctl_set_sampling(flag, key, spec, stages[i]) != 0)
+                return -1;
+        return 0;
+    }
+    char *copy = strdup(spec);
+    if (!copy) {
+        itsctl_error("%s: out of memory", flag);
+        return -1;
+    }
+    int rc = 0;
+    char *save = NULL;
+    for (char *item = strtok_r(copy, ",", &save); item && rc == 0;
+         item = strtok_r(NULL, ",", &save)) {
+        char *eq = strchr(item, '=');
+        int stage = -1;
+        if (eq) {
+            *eq = '\0';
+            for (int i = 0; i < 3; i++)
+                if (strcmp(item, names[i]) == 0)
+                    stage = i;
+        }
+        if (stage < 0) {
+            itsctl_error("%s: '%s' is not STAGE=VALUE with STAGE instruct, feedback or edit",
+                         flag, spec);
+            rc = -1;
+        } else {
+            rc = itsctl_set_sampling(flag, key, eq + 1, stages[stage]);
+        }
+    }
+    free(copy);
+    return rc;
 }
 
 /* Reports getopt's complaint about argv[optind - 1] and returns the usage status. */
@@ -530,7 +607,7 @@ static void itsctl_chomp(char *s, size_t *len)
 static int itsctl_cmd_submit(its_client_t *c, int argc, char **argv)
 {
     enum { OPT_DRAFTS = 256, OPT_FEEDBACKS, OPT_EDITS, OPT_FPE, OPT_INCLUDE, OPT_SEED,
-           OPT_TIMEOUT, OPT_JSON, OPT_MESSAGES };
+           OPT_TIMEOUT, OPT_JSON, OPT_MESSAGES, OPT_MAX_TOKENS, OPT_TEMPERATURE, OPT_TOP_P };
     static const struct option longopts[] = {
         {"drafts", required_argument, NULL, OPT_DRAFTS},
         {"feedbacks", required_argument, NULL, OPT_FEEDBACKS},
@@ -541,6 +618,9 @@ static int itsctl_cmd_submit(its_client_t *c, int argc, char **argv)
         {"timeout", required_argument, NULL, OPT_TIMEOUT},
         {"json", no_argument, NULL, OPT_JSON},
         {"messages", required_argument, NULL, OPT_MESSAGES},
+        {"max-tokens", required_argument, NULL, OPT_MAX_TOKENS},
+        {"temperature", required_argument, NULL, OPT_TEMPERATURE},
+        {"top-p", required_argument, NULL, OPT_TOP_P},
         {NULL, 0, NULL, 0},
     };
     struct its_options o = {0};
@@ -577,6 +657,13 @@ static int itsctl_cmd_submit(its_client_t *c, int argc, char **argv)
         case OPT_TIMEOUT: bad = itsctl_parse_seconds("--timeout", optarg, &timeout_ms); break;
         case OPT_JSON: json = true; break;
         case OPT_MESSAGES: messages_path = optarg; break;
+        case OPT_MAX_TOKENS:
+            bad = itsctl_parse_sampling("--max-tokens", ITSCTL_MAX_TOKENS, optarg, &o);
+            break;
+        case OPT_TEMPERATURE:
+            bad = itsctl_parse_sampling("--temperature", ITSCTL_TEMPERATURE, optarg, &o);
+            break;
+        case OPT_TOP_P: bad = itsctl_parse_sampling("--top-p", ITSCTL_TOP_P, optarg, &o); break;
         default: return itsctl_bad_option("submit", opt, argv, optind);
         }
         if (bad)
@@ -784,21 +871,99 @@ static int itsctl_simple_opts(const char *cmd, int argc, char **argv, bool *json
     return ITSCTL_EXIT_OK;
 }
 
-static int itsctl_cmd_status(its_client_t *c, int argc, char **argv, bool workers_only)
+static json_t *itsctl_roles_json(const uint64_t v[ITS_ROLE_COUNT])
 {
-    const char *cmd = workers_only ? "workers" : "status";
-    bool json = false;
-    int timeout_ms;
-    int st = itsctl_simple_opts(cmd, argc, argv, &json, &timeout_ms, 0, NULL);
-    if (st != ITSCTL_EXIT_OK)
-        return st;
-    struct its_status *s = NULL;
-    int rc = its_status(c, timeout_ms, &s);
-    if (rc < 0)
-        return itsctl_fail(c, rc);
-    if (json && workers_only) {
-        st = itsctl_print_json(itsctl_workers_json(s));
-    } else if (json) {
+    return json_pack("{s:I, s:I, s:I, s:I}", "instruct", (json_int_t)v[ITS_ROLE_INSTRUCT],
+                     "feedback", (json_int_t)v[ITS_ROLE_FEEDBACK], "edit",
+                     (json_int_t)v[ITS_ROLE_EDIT], "select", (json_int_t)v[ITS_ROLE_SELECT]);
+}
+
+/* status_reply.metrics as JSON, with the wire's names (docs/protocol.md). */
+static json_t *itsctl_metrics_json(const struct its_metrics *m)
+{
+    bool ok = true;
+    json_t *o = json_object();
+    if (!o)
+        return NULL;
+    itsctl_set(o, "requests",
+               json_pack("{s:I, s:I, s:I, s:I, s:I, s:I}", "ok", (json_int_t)m->requests_ok,
+                         "partial", (json_int_t)m->requests_partial, "cancelled",
+                         (json_int_t)m->requests_cancelled, "deadline",
+                         (json_int_t)m->requests_deadline, "failed",
+                         (json_int_t)m->requests_failed, "rejected",
+                         (json_int_t)m->requests_rejected),
+               &ok);
+    json_t *lat = json_pack("{s:I, s:f}", "count", (json_int_t)m->latency_count, "sum_s",
+                            m->latency_sum_s);
+    itsctl_set(lat, "p50_s", m->has_latency_p ? json_real(m->latency_p50_s) : json_null(), &ok);
+    itsctl_set(lat, "p95_s", m->has_latency_p ? json_real(m->latency_p95_s) : json_null(), &ok);
+    itsctl_set(o, "latency", lat, &ok);
+    uint64_t q[ITS_ROLE_COUNT], f[ITS_ROLE_COUNT];
+    for (int r = 0; r < ITS_ROLE_COUNT; r++) {
+        q[r] = m->jobs_queued[r];
+        f[r] = m->jobs_in_flight[r];
+    }
+    itsctl_set(o, "queue_depth", itsctl_roles_json(q), &ok);
+    itsctl_set(o, "jobs_in_flight", itsctl_roles_json(f), &ok);
+    itsctl_set(o, "tokens_generated", itsctl_roles_json(m->tokens_generated), &ok);
+    itsctl_set(o, "heartbeat_misses", itsctl_uint(m->heartbeat_misses), &ok);
+    itsctl_set(o, "job_retries", itsctl_uint(m->job_retries), &ok);
+    itsctl_set(o, "protocol_errors",
+               json_pack("{s:I, s:I}", "frontend", (json_int_t)m->protocol_errors_frontend,
+                         "backend", (json_int_t)m->protocol_errors_backend),
+               &ok);
+    if (!ok) {
+        json_decref(o);
+        return NULL;
+    }
+    return o;
+}
+
+static void itsctl_print_roles_u64(const char *label, const uint64_t v[ITS_ROLE_COUNT])
+{
+    printf("%s: instruct %" PRIu64 ", feedback %" PRIu64 ", edit %" PRIu64 ", select %" PRIu64
+           "\n",
+           label, v[ITS_ROLE_INSTRUCT], v[ITS_ROLE_FEEDBACK], v[ITS_ROLE_EDIT],
+           v[ITS_ROLE_SELECT]);
+}
+
+static void itsctl_print_metrics(const struct its_status *s)
+{
+    if (!s->has_metrics) {
+        printf("metrics: not reported by this itsd (it predates them)\n");
+        return;
+    }
+    const struct its_metrics *m = &s->metrics;
+    printf("requests: ok %" PRIu64 ", partial %" PRIu64 ", cancelled %" PRIu64
+           ", deadline %" PRIu64 ", failed %" PRIu64 ", rejected %" PRIu64 "\n",
+           m->requests_ok, m->requests_partial, m->requests_cancelled, m->requests_deadline,
+           m->requests_failed, m->requests_rejected);
+    if (m->has_latency_p && m->latency_count > 0)
+        printf("latency: %" PRIu64 " requests, mean %.3g s, p50 %.3g s, p95 %.3g s\n",
+               m->latency_count, m->latency_sum_s / (double)m->latency_count, m->latency_p50_s,
+               m->latency_p95_s);
+    else
+        printf("latency: %" PRIu64 " requests\n", m->latency_count);
+    uint64_t q[ITS_ROLE_COUNT], f[ITS_ROLE_COUNT];
+    for (int r = 0; r < ITS_ROLE_COUNT; r++) {
+        q[r] = m->jobs_queued[r];
+        f[r] = m->jobs_in_flight[r];
+    }
+    itsctl_print_roles_u64("jobs queued", q);
+    itsctl_print_roles_u64("jobs in flight", f);
+    itsctl_print_roles_u64("tokens generated", m->tokens_generated);
+    printf("heartbeat misses: %" PRIu64 "\njob retries: %" PRIu64
+           "\nprotocol errors: frontend %" PRIu64 ", backend %" PRIu64 "\n",
+           m->heartbeat_misses, m->job_retries, m->protocol_errors_frontend,
+           m->protocol_errors_backend);
+}
+
+/* Prints one status snapshot in the form the command asked for; returns the exit status. */
+static int itsctl_print_status(const struct its_status *s, bool json, bool workers_only)
+{
+    if (json && workers_only)
+        return itsctl_print_json(itsctl_workers_json(s));
+    if (json) {
         json_t *o = json_pack("{s:{s:I, s:I, s:I, s:I}, s:I, s:I}", "roles", "instruct",
                               (json_int_t)s->workers_per_role[ITS_ROLE_INSTRUCT], "feedback",
                               (json_int_t)s->workers_per_role[ITS_ROLE_FEEDBACK], "edit",
@@ -810,8 +975,14 @@ static int itsctl_cmd_status(its_client_t *c, int argc, char **argv, bool worker
             json_decref(o);
             o = NULL;
         }
-        st = itsctl_print_json(o);
-    } else if (workers_only) {
+        json_t *mj = s->has_metrics ? itsctl_metrics_json(&s->metrics) : json_null();
+        if (o && (!mj || json_object_set_new(o, "metrics", mj) != 0)) {
+            json_decref(o);
+            o = NULL;
+        }
+        return itsctl_print_json(o);
+    }
+    if (workers_only) {
         for (size_t i = 0; i < s->n_workers; i++) {
             const struct its_worker *w = &s->workers[i];
             char running[24] = "-", queued[24] = "-", kv_used[24] = "-";
@@ -826,16 +997,86 @@ static int itsctl_cmd_status(its_client_t *c, int argc, char **argv, bool worker
                    its_worker_state_name(w->state), running, w->max_seqs, queued, kv_used,
                    w->kv_tokens, w->max_ctx, w->jobs);
         }
-        st = itsctl_finish_stdout(ITSCTL_EXIT_OK);
-    } else {
-        printf("workers: instruct %" PRIu32 ", feedback %" PRIu32 ", edit %" PRIu32
-               ", select %" PRIu32 "\nqueue depth: %" PRIu32 "\nin flight: %" PRIu32 "\n",
-               s->workers_per_role[ITS_ROLE_INSTRUCT], s->workers_per_role[ITS_ROLE_FEEDBACK],
-               s->workers_per_role[ITS_ROLE_EDIT], s->workers_per_role[ITS_ROLE_SELECT],
-               s->queue_depth, s->in_flight);
-        st = itsctl_finish_stdout(ITSCTL_EXIT_OK);
+        return itsctl_finish_stdout(ITSCTL_EXIT_OK);
     }
-    its_status_free(&s);
+    printf("workers: instruct %" PRIu32 ", feedback %" PRIu32 ", edit %" PRIu32
+           ", select %" PRIu32 "\nqueue depth: %" PRIu32 "\nin flight: %" PRIu32 "\n",
+           s->workers_per_role[ITS_ROLE_INSTRUCT], s->workers_per_role[ITS_ROLE_FEEDBACK],
+           s->workers_per_role[ITS_ROLE_EDIT], s->workers_per_role[ITS_ROLE_SELECT],
+           s->queue_depth, s->in_flight);
+    itsctl_print_metrics(s);
+    return itsctl_finish_stdout(ITSCTL_EXIT_OK);
+}
+
+/* status / workers [--json] [--timeout S] [--watch S]: with --watch, a new snapshot every S
+ * seconds until Ctrl-C (exit 0) or an error (its exit status). On a terminal each snapshot
+ * replaces the last; elsewhere they follow one another, separated by a blank line (JSON: one
+ * object per line). */
+static int itsctl_cmd_status(its_client_t *c, int argc, char **argv, bool workers_only)
+{
+    const char *cmd = workers_only ? "workers" : "status";
+    static const struct option longopts[] = {
+        {"json", no_argument, NULL, 'j'},
+        {"timeout", required_argument, NULL, 't'},
+        {"watch", required_argument, NULL, 'w'},
+        {NULL, 0, NULL, 0},
+    };
+    bool json = false;
+    int timeout_ms = ITSCTL_DEFAULT_TIMEOUT_MS, watch_ms = 0;
+    int opt;
+    while ((opt = getopt_long(argc, argv, ":", longopts, NULL)) != -1) {
+        if (opt == 'j') {
+            json = true;
+        } else if (opt == 't') {
+            if (itsctl_parse_seconds("--timeout", optarg, &timeout_ms) != 0)
+                return ITSCTL_EXIT_USAGE;
+        } else if (opt == 'w') {
+            if (itsctl_parse_seconds("--watch", optarg, &watch_ms) != 0)
+                return ITSCTL_EXIT_USAGE;
+        } else {
+            return itsctl_bad_option(cmd, opt, argv, optind);
+        }
+    }
+    if (argc != optind) {
+        itsctl_error("%s: expected no arguments (see itsctl --help)", cmd);
+        return ITSCTL_EXIT_USAGE;
+    }
+    struct sigaction sa = {.sa_handler = itsctl_on_sigint}, old_sa;
+    sigemptyset(&sa.sa_mask);
+    if (watch_ms > 0)
+        sigaction(SIGINT, &sa, &old_sa); /* no SA_RESTART: the sleep returns to see the flag */
+    bool tty = isatty(STDOUT_FILENO);
+    int st = ITSCTL_EXIT_OK;
+    for (unsigned round = 0;; round++) {
+        struct its_status *s = NULL;
+        int rc = its_status(c, timeout_ms, &s);
+        if (rc < 0) {
+            st = itsctl_fail(c, rc);
+            break;
+        }
+        if (watch_ms > 0) {
+            if (tty)
+                printf("\033[H\033[J"); /* home, clear: the snapshot replaces the last */
+            else if (round > 0 && !json)
+                printf("\n");
+        }
+        st = itsctl_print_status(s, json, workers_only);
+        its_status_free(&s);
+        if (st != ITSCTL_EXIT_OK || watch_ms <= 0)
+            break;
+        for (int64_t until = itsctl_now_ms() + watch_ms;
+             !itsctl_interrupted && itsctl_now_ms() < until;) {
+            int64_t left = until - itsctl_now_ms();
+            struct timespec ts = {.tv_sec = 0,
+                                  .tv_nsec = (left < ITSCTL_TICK_MS ? left : ITSCTL_TICK_MS) *
+                                             1000000L};
+            nanosleep(&ts, NULL);
+        }
+        if (itsctl_interrupted)
+            break; /* the way --watch is meant to end */
+    }
+    if (watch_ms > 0)
+        sigaction(SIGINT, &old_sa, NULL);
     return st;
 }
 

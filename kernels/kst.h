@@ -36,6 +36,11 @@ double kst_rel_err(const float *a, const double *b, size_t n);
 /* Uniform random floats in [lo, hi) from t->seed (advanced), for inputs. */
 void kst_fill_uniform(struct kst *t, float *x, size_t n, float lo, float hi);
 
+/* The runner behind kern_selftest (kern.h), in kst.cu: makes `device` current, runs every suite
+ * below and writes the report. Same returns as kern_selftest. */
+int kst_run(int device, unsigned long long seed, char *report, size_t report_len,
+            int *n_checks);
+
 /* The suites, one per module; each defined beside its kernels. */
 void kst_suite_core(struct kst *t);      /* kernels/ops.cu: norm, rope, swiglu, embed, gemm */
 void kst_suite_attention(struct kst *t); /* kernels/attention.cu */

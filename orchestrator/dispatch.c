@@ -54,6 +54,7 @@ struct dispatch {
     struct dispatch_list queue[PROTO_ROLE_COUNT];
     uint32_t n_queued[PROTO_ROLE_COUNT];
     uint32_t n_running;
+    uint32_t n_running_role[PROTO_ROLE_COUNT];
     struct dispatch_list failed;
     bool reporting;
     uint64_t next_id;
@@ -120,6 +121,7 @@ static void dispatch_release(struct dispatch *d, struct dispatch_job *j)
             w->n_jobs--;
         j->worker = NULL;
         d->n_running--;
+        d->n_running_role[j->role]--;
     }
     if (j->wire) {
         idmap_del(d->by_wire, j->wire);
@@ -250,6 +252,7 @@ static void dispatch_assign(struct dispatch *d, enum proto_role role)
         w->used_seqs += j->cost;
         w->n_jobs++;
         d->n_running++;
+        d->n_running_role[role]++;
         ITSD_DEBUG("%s job %llu (%s, %u seqs) -> worker %s as job %llu", j->label,
                    (unsigned long long)j->id, proto_role_name(role), j->cost, w->name,
                    (unsigned long long)wire);
@@ -533,6 +536,7 @@ void dispatch_tick(struct dispatch *d, uint64_t now_ms)
             dispatch_drop_worker(d, w, "unreachable", false, now_ms);
         } else if (now_ms > w->last_seen_ms && now_ms - w->last_seen_ms > expiry) {
             d->counters.workers_lost++;
+            d->counters.heartbeat_expiries++;
             ITSD_WARN("worker %s (%s) silent for %llu ms: dropped, %u jobs re-dispatched",
                       w->name, proto_role_name(w->role),
                       (unsigned long long)(now_ms - w->last_seen_ms), w->n_jobs);
@@ -573,6 +577,28 @@ void dispatch_tick(struct dispatch *d, uint64_t now_ms)
 
 /* ---- public: status ---------------------------------------------------------------------- */
 
+static enum proto_worker_state dispatch_worker_state(const struct registry_worker *w)
+{
+    if (w->unreachable)
+        return PROTO_WORKER_LOST;
+    if (w->draining)
+        return PROTO_WORKER_DRAINING;
+    if (w->used_seqs >= w->capacity.max_seqs)
+        return PROTO_WORKER_BUSY;
+    return PROTO_WORKER_READY;
+}
+
+void dispatch_worker_states(const struct dispatch *d,
+                            uint32_t out[PROTO_ROLE_COUNT][PROTO_WORKER_STATE_COUNT])
+{
+    memset(out, 0, sizeof(uint32_t[PROTO_ROLE_COUNT][PROTO_WORKER_STATE_COUNT]));
+    for (size_t i = 0; i < registry_size(d->reg); i++) {
+        const struct registry_worker *w = registry_at(d->reg, i);
+        if ((unsigned)w->role < PROTO_ROLE_COUNT)
+            out[w->role][dispatch_worker_state(w)]++;
+    }
+}
+
 int dispatch_status(const struct dispatch *d, struct proto_status_reply *out)
 {
     out->roles.instruct = registry_count_live(d->reg, PROTO_ROLE_INSTRUCT);
@@ -599,14 +625,7 @@ int dispatch_status(const struct dispatch *d, struct proto_status_reply *out)
         if (!wi->id || !wi->model || !wi->backend)
             return PROTO_ERR_NO_MEMORY; /* the caller frees what was made */
         wi->role = w->role;
-        if (w->unreachable)
-            wi->state = PROTO_WORKER_LOST;
-        else if (w->draining)
-            wi->state = PROTO_WORKER_DRAINING;
-        else if (w->used_seqs >= w->capacity.max_seqs)
-            wi->state = PROTO_WORKER_BUSY;
-        else
-            wi->state = PROTO_WORKER_READY;
+        wi->state = dispatch_worker_state(w);
         wi->capacity = w->capacity;
         wi->jobs = w->n_jobs;
         wi->load = w->load;
@@ -623,6 +642,11 @@ uint32_t dispatch_queued(const struct dispatch *d, enum proto_role role)
 uint32_t dispatch_running(const struct dispatch *d)
 {
     return d->n_running;
+}
+
+uint32_t dispatch_running_role(const struct dispatch *d, enum proto_role role)
+{
+    return (unsigned)role < PROTO_ROLE_COUNT ? d->n_running_role[role] : 0;
 }
 
 const struct dispatch_counters *dispatch_counters(const struct dispatch *d)

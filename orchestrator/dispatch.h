@@ -41,6 +41,7 @@ struct dispatch_ops {
 struct dispatch_counters {
     uint64_t jobs_started, jobs_done, jobs_retried, jobs_failed, jobs_cancelled;
     uint64_t workers_registered, workers_lost, send_failures, stale_results;
+    uint64_t heartbeat_expiries; /* of workers_lost: dropped for silence (the rest unreachable) */
 };
 
 struct dispatch;
@@ -115,9 +116,15 @@ void dispatch_tick(struct dispatch *d, uint64_t now_ms);
  * PROTO_ERR_NO_MEMORY. */
 int dispatch_status(const struct dispatch *d, struct proto_status_reply *out);
 
-/* Jobs waiting in the queue of `role`, and jobs running on workers. */
+/* Jobs waiting in the queue of `role`, and jobs running on workers (all, or of `role`). */
 uint32_t dispatch_queued(const struct dispatch *d, enum proto_role role);
 uint32_t dispatch_running(const struct dispatch *d);
+uint32_t dispatch_running_role(const struct dispatch *d, enum proto_role role);
+
+/* Counts the registered workers by role and by the state status_reply gives them:
+ * out[role][enum proto_worker_state] (overwritten). */
+void dispatch_worker_states(const struct dispatch *d,
+                            uint32_t out[PROTO_ROLE_COUNT][PROTO_WORKER_STATE_COUNT]);
 
 const struct dispatch_counters *dispatch_counters(const struct dispatch *d);
 

@@ -23,6 +23,7 @@
 
 #include "idmap.h"
 #include "itsd_log.h"
+#include "metrics.h"
 #include "pipeline.h"
 #include "registry.h"
 
@@ -85,6 +86,7 @@ struct frontend {
     bool pumping; /* frontend_pump is on the stack: nested calls leave the work to it */
     uint64_t counter, salt;
     struct frontend_counters counters;
+    struct metrics *metrics; /* the owner's; NULL: not counted */
 };
 
 /* ---- small helpers ------------------------------------------------------------------------- */
@@ -264,6 +266,12 @@ static void frontend_end(struct frontend *fe, struct frontend_request *r, struct
             len = 0;
         }
     }
+    uint64_t ended_ms = frontend_now(fe);
+    double seconds = (double)(ended_ms - r->accepted_ms) / 1000.0;
+    if (final->type == PROTO_RESULT)
+        metrics_request_end(fe->metrics, 0, final->result.partial, seconds);
+    else
+        metrics_request_end(fe->metrics, final->error.code, false, seconds);
     if (final->type == PROTO_RESULT) {
         fe->counters.completed++;
         ITSD_INFO("%s %s: answer from candidate %u of %u, score %.4f, %" PRIu64 " ms", r->id,
@@ -305,7 +313,7 @@ static void frontend_end(struct frontend *fe, struct frontend_request *r, struct
     r->state = FRONTEND_DONE;
     r->final = buf;
     r->final_len = len;
-    r->finished_ms = frontend_now(fe);
+    r->finished_ms = ended_ms;
     TAILQ_INSERT_TAIL(&fe->done, r, link);
     fe->n_done++;
     fe->done_bytes += len;
@@ -586,6 +594,7 @@ static void frontend_submit(struct frontend *fe, const uint8_t *rid, size_t rid_
     fe->counters.submitted++;
     if (!fe->accepting) {
         fe->counters.rejected++;
+        metrics_request_rejected(fe->metrics, PROTO_ERR_SHUTTING_DOWN);
         frontend_reply_error(fe, rid, rid_len, true, s->tag, NULL, PROTO_ERR_SHUTTING_DOWN,
                              "itsd is shutting down");
         return;
@@ -596,6 +605,7 @@ static void frontend_submit(struct frontend *fe, const uint8_t *rid, size_t rid_
     int rc = frontend_settings(fe, s, &settings, &deadline_ms, err, sizeof err);
     if (rc != 0) {
         fe->counters.rejected++;
+        metrics_request_rejected(fe->metrics, rc);
         frontend_reply_error(fe, rid, rid_len, true, s->tag, NULL, rc, "%s", err);
         return;
     }
@@ -603,6 +613,7 @@ static void frontend_submit(struct frontend *fe, const uint8_t *rid, size_t rid_
     if (!run_now && fe->n_queued >= fe->cfg->max_queued) {
         fe->counters.rejected++;
         fe->counters.busy++;
+        metrics_request_rejected(fe->metrics, PROTO_ERR_BUSY);
         frontend_reply_error(fe, rid, rid_len, true, s->tag, NULL, PROTO_ERR_BUSY,
                              "busy: %u requests running and %u queued (max_queued %u); retry "
                              "later",
@@ -647,6 +658,7 @@ static void frontend_submit(struct frontend *fe, const uint8_t *rid, size_t rid_
         rc = frontend_start(fe, r, err, sizeof err);
         if (rc != 0) {
             fe->counters.rejected++;
+            metrics_request_rejected(fe->metrics, rc);
             frontend_reply_error(fe, rid, rid_len, true, s->tag, NULL, rc, "%s", err);
             frontend_request_free(fe, r);
             if (new_client)
@@ -685,6 +697,7 @@ static void frontend_submit(struct frontend *fe, const uint8_t *rid, size_t rid_
     return;
 nomem:
     fe->counters.rejected++;
+    metrics_request_rejected(fe->metrics, PROTO_ERR_NO_MEMORY);
     if (r) {
         idmap_del(fe->by_key, r->key);
         free(r);
@@ -764,6 +777,10 @@ static void frontend_status(struct frontend *fe, const uint8_t *rid, size_t rid_
     m.status_reply.has_tag = st->has_tag;
     m.status_reply.queue_depth = fe->n_queued;
     m.status_reply.in_flight = fe->n_running;
+    if (st->has_metrics && st->metrics && fe->ops.metrics) {
+        fe->ops.metrics(fe->ctx, &m.status_reply.metrics);
+        m.status_reply.has_metrics = true;
+    }
     if (dispatch_status(fe->d, &m.status_reply) != 0) {
         proto_msg_free(&m);
         frontend_reply_error(fe, rid, rid_len, st->has_tag, st->tag, NULL, PROTO_ERR_NO_MEMORY,
@@ -955,7 +972,8 @@ const struct frontend_counters *frontend_counters(const struct frontend *fe)
 
 int frontend_new(struct ev_loop *loop, const struct itsd_config *cfg,
                  const struct templates *tpl, struct dispatch *d, const struct frontend_ops *ops,
-                 void *ctx, struct frontend **out, char *err, size_t err_len)
+                 void *ctx, struct metrics *m, struct frontend **out, char *err,
+                 size_t err_len)
 {
     *out = NULL;
     struct frontend *fe = calloc(1, sizeof *fe);
@@ -967,6 +985,7 @@ int frontend_new(struct ev_loop *loop, const struct itsd_config *cfg,
     fe->d = d;
     fe->ops = *ops;
     fe->ctx = ctx;
+    fe->metrics = m;
     fe->accepting = true;
     TAILQ_INIT(&fe->queued);
     TAILQ_INIT(&fe->running);

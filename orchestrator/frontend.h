@@ -20,6 +20,7 @@
 #include "itsd_config.h"
 #include "proto.h"
 
+struct metrics;
 struct templates;
 
 struct frontend_ops {
@@ -28,6 +29,9 @@ struct frontend_ops {
     int (*send)(void *ctx, const uint8_t *rid, size_t rid_len, const void *buf, size_t len);
     /* Monotonic milliseconds. */
     uint64_t (*now_ms)(void *ctx);
+    /* Optional (NULL: status never carries metrics): fills status_reply.metrics for a status
+     * that asks for them. */
+    void (*metrics)(void *ctx, struct proto_metrics *out);
 };
 
 struct frontend_counters {
@@ -38,10 +42,13 @@ struct frontend_counters {
 struct frontend;
 
 /* Creates the frontend. cfg, tpl and d must outlive it; `ops` is copied. Deadline timers run
- * on `loop`. Returns 0 with *out set, or PROTO_ERR_NO_MEMORY with err set. */
+ * on `loop`. Every request that ends and every submit refused is counted in `m` (metrics.h;
+ * NULL: not counted), which must outlive the frontend. Returns 0 with *out set, or
+ * PROTO_ERR_NO_MEMORY with err set. */
 int frontend_new(struct ev_loop *loop, const struct itsd_config *cfg,
                  const struct templates *tpl, struct dispatch *d, const struct frontend_ops *ops,
-                 void *ctx, struct frontend **out, char *err, size_t err_len);
+                 void *ctx, struct metrics *m, struct frontend **out, char *err,
+                 size_t err_len);
 
 /* Frees everything: requests still live are cancelled on the workers (cancel_job) without a
  * word to their clients (call frontend_stop first for that). NULL-safe; clears *fe. */

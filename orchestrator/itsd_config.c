@@ -18,9 +18,11 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <sys/socket.h>
 #include <zmq.h>
 
 #include "itsd_log.h"
+#include "metrics_http.h"
 #include "zap.h"
 
 enum itsd_config_kind {
@@ -32,6 +34,7 @@ enum itsd_config_kind {
     CFG_BOOL,
     CFG_LOG_LEVEL, /* int, by name */
     CFG_CHOICE,    /* int: the index of the value in `choices` */
+    CFG_LISTEN,    /* char[PATH_MAX]: IPv4:PORT or [IPv6]:PORT, "" = off */
 };
 
 struct itsd_config_key {
@@ -58,6 +61,10 @@ static const struct itsd_config_key itsd_config_keys[] = {
      "or ipc://PATH."},
     {"itsd", "backend", "backend", CFG_ENDPOINT, OFF(backend), "tcp://127.0.0.1:7701", 0, 0,
      "ZeroMQ endpoint of the ROUTER socket workers (itsw serve --connect) connect to."},
+    {"itsd", "metrics_listen", "metrics-listen", CFG_LISTEN, OFF(metrics_listen), "", 0, 0,
+     "Address of the plain-HTTP Prometheus endpoint GET /metrics: IPv4:PORT or [IPv6]:PORT "
+     "(literal addresses, no host names); empty = no endpoint. Anyone who reaches it reads "
+     "the counters: bind loopback or a private address (docs/operations.md, Metrics)."},
     {"itsd", "templates", "templates", CFG_PATH, OFF(templates), ITSD_TEMPLATES_DIR, 0, 0,
      "Directory of the role prompt templates (instruct.tmpl, feedback.tmpl, edit.tmpl, "
      "select.tmpl). A relative path in a config file is relative to that file's directory; "
@@ -311,6 +318,18 @@ static int itsd_config_store(struct itsd_config *cfg, const struct itsd_config_k
         strcpy(field, value);
         return 0;
     }
+    case CFG_LISTEN: {
+        if (strlen(value) >= ITSD_CONFIG_PATH_MAX) {
+            snprintf(why, why_len, "longer than %d bytes", ITSD_CONFIG_PATH_MAX - 1);
+            return -1;
+        }
+        struct sockaddr_storage ss;
+        size_t ss_len;
+        if (*value && metrics_http_parse_listen(value, &ss, &ss_len, why, why_len) != 0)
+            return -1;
+        strcpy(field, value);
+        return 0;
+    }
     case CFG_PATH: {
         if (!*value && k->hi == 0) {
             snprintf(why, why_len, "must not be empty");
@@ -411,6 +430,7 @@ static void itsd_config_format(const struct itsd_config *cfg, const struct itsd_
     switch (k->kind) {
     case CFG_ENDPOINT:
     case CFG_PATH:
+    case CFG_LISTEN:
         snprintf(out, out_len, "%s", field);
         return;
     case CFG_U32: {

@@ -42,6 +42,7 @@ struct itsd_config {
     /* [itsd]: sockets, peers, logging */
     char frontend[ITSD_CONFIG_PATH_MAX]; /* ROUTER for clients, tcp:// or ipc:// */
     char backend[ITSD_CONFIG_PATH_MAX];  /* ROUTER for workers */
+    char metrics_listen[ITSD_CONFIG_PATH_MAX]; /* HOST:PORT of the HTTP /metrics, "" = off */
     char templates[ITSD_CONFIG_PATH_MAX]; /* directory of <role>.tmpl */
     char template_file[PROTO_ROLE_COUNT][ITSD_CONFIG_PATH_MAX]; /* "" = templates/<role>.tmpl */
     int log_level;                 /* enum itsd_log_level */

@@ -38,9 +38,18 @@
 #include "evzmq.h"
 #include "frontend.h"
 #include "itsd_log.h"
+#include "metrics.h"
+#include "metrics_http.h"
 #include "proto.h"
 #include "registry.h"
 #include "zap.h"
+
+#include <microhttpd.h>
+
+/* The Makefile may pass the release (its_build_info's version label). */
+#ifndef ITS_VERSION
+#define ITS_VERSION "unknown"
+#endif
 
 /* A live request of an authenticated client (max_requests_per_client). */
 struct orch_live {
@@ -86,6 +95,8 @@ struct orch {
     struct orch_live *live; /* n_live requests of authenticated clients, unordered */
     size_t n_live, cap_live;
     const struct orch_submit_ctx *submitting; /* during frontend_on_message of a submit */
+    struct metrics metrics;     /* counted here and in the frontend; snapshots from it */
+    struct metrics_http *http;  /* with metrics_listen set */
 };
 
 static uint64_t orch_now_ms(void)
@@ -316,6 +327,65 @@ static uint64_t orch_frontend_now(void *ctx)
     return orch_now_ms();
 }
 
+/* ---- metrics ------------------------------------------------------------------------------- */
+
+/* The counters kept in o->metrics plus a snapshot of the modules' own state: what /metrics
+ * and status_reply.metrics both show. */
+static void orch_metrics_collect(const struct orch *o, struct metrics *out)
+{
+    *out = o->metrics;
+    const struct dispatch_counters *dc = dispatch_counters(o->d);
+    const struct frontend_counters *fc = frontend_counters(o->fe);
+    out->heartbeat_misses = dc->heartbeat_expiries;
+    out->job_retries = dc->jobs_retried;
+    out->jobs_started = dc->jobs_started;
+    out->jobs_failed = dc->jobs_failed;
+    out->workers_registered = dc->workers_registered;
+    out->workers_lost = dc->workers_lost;
+    out->frames[METRICS_FRONTEND] = o->c.client_frames;
+    out->frames[METRICS_BACKEND] = o->c.worker_frames;
+    /* frames that did not decode or had a wrong envelope, decoded messages of a type that
+     * side may not send, and error messages from peers (the frontend counts the last two
+     * for clients; for workers all of it is counted here) */
+    out->protocol_errors[METRICS_FRONTEND] = o->c.bad_client_frames + fc->bad_messages;
+    out->protocol_errors[METRICS_BACKEND] = o->c.bad_worker_frames;
+    out->sends_unroutable = o->c.unroutable_sends;
+    out->sends_dropped = o->c.dropped_sends;
+    out->auth_refusals = o->c.revoked_frames;
+    if (o->zap)
+        out->auth_refusals += zap_counters(o->zap)->refused;
+    out->requests_queued = frontend_queued(o->fe);
+    out->requests_in_flight = frontend_running(o->fe);
+    for (int r = 0; r < PROTO_ROLE_COUNT; r++) {
+        out->queue_depth[r] = dispatch_queued(o->d, (enum proto_role)r);
+        out->jobs_in_flight[r] = dispatch_running_role(o->d, (enum proto_role)r);
+    }
+    dispatch_worker_states(o->d, out->workers);
+}
+
+static int orch_metrics_render(void *ctx, char **body, size_t *len)
+{
+    const struct orch *o = ctx;
+    struct metrics snap;
+    orch_metrics_collect(o, &snap);
+    char libzmq[32];
+    int major, minor, patch;
+    zmq_version(&major, &minor, &patch);
+    snprintf(libzmq, sizeof libzmq, "%d.%d.%d", major, minor, patch);
+    const char *mhd = MHD_get_version();
+    struct metrics_build b = {.version = ITS_VERSION, .libzmq = libzmq,
+                              .microhttpd = mhd ? mhd : ""};
+    return metrics_render(&snap, &b, body, len);
+}
+
+static void orch_frontend_metrics(void *ctx, struct proto_metrics *out)
+{
+    const struct orch *o = ctx;
+    struct metrics snap;
+    orch_metrics_collect(o, &snap);
+    metrics_to_proto(&snap, out);
+}
+
 /* ---- receiving ------------------------------------------------------------------------------ */
 
 #define ORCH_MAX_PARTS 4
@@ -429,6 +499,8 @@ static void orch_client_message(struct orch *o, const uint8_t *rid, size_t rid_l
         }
         if (id)
             snprintf(pk.id, sizeof pk.id, "%s", id);
+        if (m->type == PROTO_SUBMIT)
+            metrics_request_rejected(&o->metrics, PROTO_ERR_UNAUTHORIZED);
         if (m->type != PROTO_ERROR)
             orch_send_error(o, o->front, rid, rid_len, &pk, PROTO_ERR_UNAUTHORIZED,
                             "unauthorized: this client's key is no longer in itsd's "
@@ -448,6 +520,7 @@ static void orch_client_message(struct orch *o, const uint8_t *rid, size_t rid_l
     uint32_t live = orch_live_count(o, user);
     if (live >= o->cfg->max_requests_per_client) {
         o->c.over_client_limit++;
+        metrics_request_rejected(&o->metrics, PROTO_ERR_BUSY);
         ITSD_INFO("submit of client '%s' refused: %u requests live (max_requests_per_client "
                   "%u)", user, live, o->cfg->max_requests_per_client);
         struct proto_peek pk = {.type = PROTO_SUBMIT, .has_tag = true, .tag = m->submit.tag};
@@ -565,6 +638,11 @@ static void orch_worker_message(struct orch *o, const uint8_t *rid, size_t rid_l
     case PROTO_GENERATE_RESULT:
         if (dispatch_on_job_message(o->d, w, m->generate_result.job, true, &owner, &job) ==
             0) {
+            uint64_t generated = 0;
+            for (uint32_t i = 0; i < m->generate_result.n_outputs; i++)
+                generated += m->generate_result.outputs[i].n_tokens;
+            metrics_tokens(&o->metrics, w->role, generated,
+                           m->generate_result.usage.prompt_tokens);
             m->generate_result.job = job; /* the pipeline knows the job by its first id */
             frontend_on_generate_result(o->fe, owner, &m->generate_result);
         } else
@@ -573,6 +651,7 @@ static void orch_worker_message(struct orch *o, const uint8_t *rid, size_t rid_l
         break;
     case PROTO_SCORE_RESULT:
         if (dispatch_on_job_message(o->d, w, m->score_result.job, true, &owner, &job) == 0) {
+            metrics_tokens(&o->metrics, w->role, 0, m->score_result.usage.prompt_tokens);
             m->score_result.job = job;
             frontend_on_score_result(o->fe, owner, &m->score_result);
         } else
@@ -875,11 +954,21 @@ int orch_new(const struct itsd_config *cfg, const struct templates *tpl, struct 
         snprintf(err, err_len, "dispatch: out of memory");
         goto fail;
     }
-    struct frontend_ops fops = {.send = orch_frontend_send, .now_ms = orch_frontend_now};
-    rc = frontend_new(o->loop, cfg, tpl, o->d, &fops, o, &o->fe, err, err_len);
+    struct frontend_ops fops = {.send = orch_frontend_send, .now_ms = orch_frontend_now,
+                                .metrics = orch_frontend_metrics};
+    rc = frontend_new(o->loop, cfg, tpl, o->d, &fops, o, &o->metrics, &o->fe, err, err_len);
     if (rc != 0)
         goto fail;
     rc = PROTO_ERR_INTERNAL;
+    o->metrics.start_time_s = (double)time(NULL);
+    /* bound before READY=1 like the ZeroMQ sockets: a scraper may rely on it being there */
+    if (cfg->metrics_listen[0]) {
+        if (metrics_http_start(o->loop, cfg->metrics_listen, orch_metrics_render, o, &o->http,
+                               err, err_len) != 0)
+            goto fail;
+        ITSD_INFO("metrics: http://%s/metrics (port %u, plain HTTP)", cfg->metrics_listen,
+                  metrics_http_port(o->http));
+    }
     if (evzmq_new(o->loop, &o->ez) != 0) {
         snprintf(err, err_len, "out of memory");
         goto fail;
@@ -971,6 +1060,7 @@ void orch_destroy(struct orch **op)
     if (!op || !*op)
         return;
     struct orch *o = *op;
+    metrics_http_stop(&o->http);
     frontend_destroy(&o->fe); /* cancel_job for whatever still ran goes out first */
     dispatch_destroy(&o->d);
     evzmq_destroy(&o->ez);

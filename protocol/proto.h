@@ -117,6 +117,7 @@ enum proto_worker_state {
     PROTO_WORKER_DRAINING, /* said disconnect; gets no new jobs */
     PROTO_WORKER_LOST,     /* missed heartbeats; its jobs are being re-dispatched */
 };
+#define PROTO_WORKER_STATE_COUNT 4
 
 /* ---- message bodies ----------------------------------------------------------------------
  * Strings are NUL-terminated UTF-8 owned by the struct (the wire forbids NUL bytes in text).
@@ -181,6 +182,8 @@ struct proto_get {
 struct proto_status {
     uint64_t tag;
     bool has_tag;
+    bool metrics; /* ask for status_reply.metrics (an older itsd rejects the key) */
+    bool has_metrics;
 };
 
 struct proto_capacity {
@@ -211,6 +214,44 @@ struct proto_worker_info {
     bool has_load;
 };
 
+/* Requests that ended since itsd started, by how they ended. */
+struct proto_request_counts {
+    uint64_t ok;        /* a full result */
+    uint64_t partial;   /* a partial result: the deadline or a shutdown cut the work short */
+    uint64_t cancelled; /* error cancelled: by a client, or the client went away */
+    uint64_t deadline;  /* error deadline: nothing was scored in time */
+    uint64_t failed;    /* any other error after acceptance (no_worker, worker_lost, ...) */
+    uint64_t rejected;  /* submits answered with an error and never accepted (busy, ...) */
+};
+
+/* Time from acceptance to the end of every accepted request that ended. */
+struct proto_latency {
+    uint64_t count;
+    double sum_s;
+    double p50_s, p95_s; /* estimated from itsd's histogram buckets; absent when count is 0 */
+    bool has_p50_s, has_p95_s;
+};
+
+struct proto_role_totals {
+    uint64_t instruct, feedback, edit, select;
+};
+
+struct proto_socket_counts {
+    uint64_t frontend, backend;
+};
+
+/* The live numbers of status_reply.metrics; the same ones itsd's /metrics endpoint serves. */
+struct proto_metrics {
+    struct proto_request_counts requests;
+    struct proto_latency latency;
+    struct proto_role_counts queue_depth;     /* jobs waiting for a worker, per role */
+    struct proto_role_counts jobs_in_flight;  /* jobs running on workers, per role */
+    struct proto_role_totals tokens_generated; /* completion tokens of finished jobs */
+    uint64_t heartbeat_misses;  /* workers dropped because their heartbeats stopped */
+    uint64_t job_retries;       /* jobs sent again after a worker was lost or failed them */
+    struct proto_socket_counts protocol_errors; /* bad frames, and errors from peers */
+};
+
 struct proto_status_reply {
     uint64_t tag;
     bool has_tag;
@@ -219,6 +260,8 @@ struct proto_status_reply {
     uint32_t in_flight;             /* requests running */
     struct proto_worker_info *workers;
     uint32_t n_workers;
+    struct proto_metrics metrics;   /* only when the status asked for it */
+    bool has_metrics;
 };
 
 struct proto_stage {

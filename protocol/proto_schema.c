@@ -194,6 +194,7 @@ static const struct proto_schema_field proto_schema_get_fields[] = {
 
 static const struct proto_schema_field proto_schema_status_fields[] = {
     { OPT(struct proto_status, tag), U64_ANY },
+    { OPT(struct proto_status, metrics), BOOL_ },
 };
 
 #define RC struct proto_role_counts
@@ -225,6 +226,65 @@ static const struct proto_schema_field proto_schema_worker_info_elem = {
     MAP(proto_schema_worker_info),
 };
 
+#define RQ struct proto_request_counts
+static const struct proto_schema_field proto_schema_request_counts_fields[] = {
+    { REQ(RQ, ok), U64_ANY },
+    { REQ(RQ, partial), U64_ANY },
+    { REQ(RQ, cancelled), U64_ANY },
+    { REQ(RQ, deadline), U64_ANY },
+    { REQ(RQ, failed), U64_ANY },
+    { REQ(RQ, rejected), U64_ANY },
+};
+#undef RQ
+static const struct proto_schema_obj proto_schema_request_counts =
+    OBJ("request_counts", struct proto_request_counts, proto_schema_request_counts_fields, NULL);
+
+#define LA struct proto_latency
+static const struct proto_schema_field proto_schema_latency_fields[] = {
+    { REQ(LA, count), U64_ANY },
+    { REQ(LA, sum_s), F64(0.0, DBL_MAX) },
+    { OPT(LA, p50_s), F64(0.0, DBL_MAX) },
+    { OPT(LA, p95_s), F64(0.0, DBL_MAX) },
+};
+#undef LA
+static const struct proto_schema_obj proto_schema_latency =
+    OBJ("latency", struct proto_latency, proto_schema_latency_fields, NULL);
+
+#define RT struct proto_role_totals
+static const struct proto_schema_field proto_schema_role_totals_fields[] = {
+    { REQ(RT, instruct), U64_ANY },
+    { REQ(RT, feedback), U64_ANY },
+    { REQ(RT, edit), U64_ANY },
+    { REQ(RT, select), U64_ANY },
+};
+#undef RT
+static const struct proto_schema_obj proto_schema_role_totals =
+    OBJ("role_totals", struct proto_role_totals, proto_schema_role_totals_fields, NULL);
+
+#define SK struct proto_socket_counts
+static const struct proto_schema_field proto_schema_socket_counts_fields[] = {
+    { REQ(SK, frontend), U64_ANY },
+    { REQ(SK, backend), U64_ANY },
+};
+#undef SK
+static const struct proto_schema_obj proto_schema_socket_counts =
+    OBJ("socket_counts", struct proto_socket_counts, proto_schema_socket_counts_fields, NULL);
+
+#define ME struct proto_metrics
+static const struct proto_schema_field proto_schema_metrics_fields[] = {
+    { REQ(ME, requests), MAP(proto_schema_request_counts) },
+    { REQ(ME, latency), MAP(proto_schema_latency) },
+    { REQ(ME, queue_depth), MAP(proto_schema_role_counts) },
+    { REQ(ME, jobs_in_flight), MAP(proto_schema_role_counts) },
+    { REQ(ME, tokens_generated), MAP(proto_schema_role_totals) },
+    { REQ(ME, heartbeat_misses), U64_ANY },
+    { REQ(ME, job_retries), U64_ANY },
+    { REQ(ME, protocol_errors), MAP(proto_schema_socket_counts) },
+};
+#undef ME
+static const struct proto_schema_obj proto_schema_metrics =
+    OBJ("metrics", struct proto_metrics, proto_schema_metrics_fields, NULL);
+
 #define SR struct proto_status_reply
 static const struct proto_schema_field proto_schema_status_reply_fields[] = {
     { OPT(SR, tag), U64_ANY },
@@ -233,6 +293,7 @@ static const struct proto_schema_field proto_schema_status_reply_fields[] = {
     { REQ(SR, in_flight), U32_ANY },
     { REQ(SR, workers), ARRAY(SR, workers, 0, PROTO_MAX_WORKERS, proto_schema_worker_info_elem,
                               sizeof(struct proto_worker_info)) },
+    { OPT(SR, metrics), MAP(proto_schema_metrics) },
 };
 #undef SR
 

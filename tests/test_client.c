@@ -1114,7 +1114,9 @@ Test(client, itsctl_submit_json_prints_the_whole_result)
     char args[1024];
     snprintf(args, sizeof args,
              "--endpoint %s submit --json --drafts 2 --feedbacks 3 --edits 1 "
-             "--feedbacks-per-edit 1 --include-drafts --seed 7 --timeout 20 'What is 2+2?'",
+             "--feedbacks-per-edit 1 --include-drafts --seed 7 --timeout 20 "
+             "--max-tokens instruct=256,feedback=128,edit=255 --temperature 0.5 "
+             "--top-p edit=0.9 'What is 2+2?'",
              f->endpoint);
     struct run r = itsctl_run("", "", args);
     cr_assert_eq(r.status, 0, "exit %d, stderr: %s", r.status, r.err);
@@ -1156,6 +1158,16 @@ Test(client, itsctl_submit_json_prints_the_whole_result)
     cr_expect(s->has_include_drafts && s->include_drafts);
     cr_expect(s->has_seed && s->seed == 7);
     cr_expect(s->has_deadline_ms && s->deadline_ms == 20000, "--timeout sets the deadline");
+    const struct proto_submit_sampling *sp = &s->sampling;
+    cr_expect(sp->has_instruct && sp->instruct.has_max_tokens && sp->instruct.max_tokens == 256);
+    cr_expect(sp->has_feedback && sp->feedback.has_max_tokens && sp->feedback.max_tokens == 128);
+    cr_expect(sp->has_edit && sp->edit.has_max_tokens && sp->edit.max_tokens == 255);
+    cr_expect(sp->instruct.has_temperature && sp->instruct.temperature == 0.5 &&
+                  sp->feedback.has_temperature && sp->edit.has_temperature,
+              "a bare value applies to all three stages");
+    cr_expect(sp->edit.has_top_p && sp->edit.top_p == 0.9 && !sp->instruct.has_top_p &&
+                  !sp->feedback.has_top_p,
+              "STAGE=VALUE applies to that stage only");
     pthread_mutex_unlock(&f->mu);
     fake_stop(&f);
 }
@@ -1234,6 +1246,10 @@ Test(client, itsctl_exit_codes_name_the_problem)
     cr_expect(strstr(r.err, "malformed reply"), "stderr: %s", r.err);
     run_free(&r);
 
+    r = itsctl_run("", "", "submit --max-tokens drafts=3 'q'");
+    cr_expect_eq(r.status, 1, "bad stage: usage error, got %d", r.status);
+    cr_expect(strstr(r.err, "STAGE=VALUE"), "stderr names the form: %s", r.err);
+    run_free(&r);
     r = itsctl_run("", "", "submit --drafts lots 'q'");
     cr_expect_eq(r.status, 1, "usage: exit %d", r.status);
     cr_expect(strstr(r.err, "--drafts"), "stderr names the flag: %s", r.err);

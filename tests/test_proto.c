@@ -228,9 +228,10 @@ static double tp_gen_f64(struct tp_rng *r, const struct proto_schema_field *f)
 {
     if (f->fhi > 1e300) {
         static const double pool[] = { 0.0, -3.28125, -4.78125, 1.5, 1e300, -1e-300, -0.0 };
-        if (tp_below(r, 2))
-            return pool[tp_below(r, sizeof pool / sizeof *pool)];
-        return (double)(int64_t)tp_next(r) / 1048576.0;
+        double v = tp_below(r, 2) ? pool[tp_below(r, sizeof pool / sizeof *pool)]
+                                  : (double)(int64_t)tp_next(r) / 1048576.0;
+        /* unbounded above but not below (durations: 0..): mirror into the range */
+        return f->flo > -1e300 && v < f->flo ? -v : v;
     }
     double v;
     switch (tp_below(r, 4)) {

@@ -1082,7 +1082,9 @@ const char *checkpoint_dir(const struct checkpoint *ck)
 }
 
 /* Values from the published config.json files of meta-llama/Llama-3.2-1B(-Instruct),
- * Llama-3.2-3B, Llama-3.1-8B and Llama-3.1-70B. */
+ * Llama-3.2-3B, Llama-3.1-8B and Llama-3.1-70B; tiny-llama-3 is the shape of the test checkpoint
+ * hf-reference/tiny-llama31 (Llama 3 vocabulary, 2 layers of width 64), for service tests of
+ * random weights that must run in seconds on a CPU. */
 static const struct {
     const char *name;
     int dim, ffn, layers, heads, kv_heads, head_dim, tied;
@@ -1092,6 +1094,7 @@ static const struct {
     {"llama-3.2-3b", 3072, 8192, 28, 24, 8, 128, 1, 32.0f},
     {"llama-3.1-8b", 4096, 14336, 32, 32, 8, 128, 0, 8.0f},
     {"llama-3.1-70b", 8192, 28672, 80, 64, 8, 128, 0, 8.0f},
+    {"tiny-llama-3", 64, 176, 2, 4, 2, 16, 0, 8.0f},
 };
 
 int model_shape_by_name(const char *name, struct model_config *out)
@@ -1130,5 +1133,5 @@ int model_shape_by_name(const char *name, struct model_config *out)
 
 const char *model_shape_names(void)
 {
-    return "llama-3.2-1b, llama-3.2-3b, llama-3.1-8b, llama-3.1-70b";
+    return "llama-3.2-1b, llama-3.2-3b, llama-3.1-8b, llama-3.1-70b, tiny-llama-3";
 }

@@ -33,7 +33,8 @@ const struct model_weights *checkpoint_weights(const struct checkpoint *ck);
 const char *checkpoint_dir(const struct checkpoint *ck);
 
 /* Fills `out` with the shape of a named real model ("llama-3.2-1b", "llama-3.2-3b",
- * "llama-3.1-8b", "llama-3.1-70b"). Returns 0, or -1 for an unknown name. */
+ * "llama-3.1-8b", "llama-3.1-70b"), or of the tiny test model ("tiny-llama-3": the shape of
+ * hf-reference/tiny-llama31). Returns 0, or -1 for an unknown name. */
 int model_shape_by_name(const char *name, struct model_config *out);
 /* Comma-separated list of the names model_shape_by_name knows (for error messages). */
 const char *model_shape_names(void);

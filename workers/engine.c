@@ -75,8 +75,7 @@ struct engine_job {
     int *item_len;
 
     struct engine_sampling sampling;
-    struct sampler_params sp;
-    struct sampler_rng *rngs; /* generate: one per sample */
+    struct sampler_params sp; /* generate: sample i's token t is drawn with key (seed, i, t) */
     int cap;                  /* generate: token capacity per sample */
     unsigned char *item_done;
     int n_done;
@@ -123,6 +122,8 @@ struct engine {
     int n_items;
     int budget;                /* tokens left in this step */
     struct fwd_seq *fwd;       /* (max_seqs) */
+    struct fwd_sample *draws;  /* (max_seqs) FWD_SAMPLE parameters, by batch item */
+    int32_t *drawn;            /* (max_seqs) FWD_SAMPLE results, by batch item */
     float *logits;             /* (max_seqs, vocab_size) */
     float *logit0;             /* (max_seqs) */
     int mem_wait;              /* last step left a sequence waiting for blocks */
@@ -202,7 +203,6 @@ static void engine_job_free(struct engine_job **jp)
     free(j->ids);
     free(j->item_off);
     free(j->item_len);
-    free(j->rngs);
     free(j->item_done);
     free(j->prefix_blocks);
     free(j->slots);
@@ -281,9 +281,12 @@ int engine_new_with_backend(struct backend **bep, const struct engine_params *pa
     e->keys = malloc(ns * (size_t)e->max_blocks_per_seq * sizeof *e->keys);
     e->items = calloc(ns, sizeof *e->items);
     e->fwd = calloc(ns, sizeof *e->fwd);
+    e->draws = calloc(ns, sizeof *e->draws);
+    e->drawn = calloc(ns, sizeof *e->drawn);
     e->logits = malloc(ns * (size_t)cfg->vocab_size * sizeof *e->logits);
     e->logit0 = malloc(ns * sizeof *e->logit0);
-    if (!e->seqs || !e->tables || !e->keys || !e->items || !e->fwd || !e->logits || !e->logit0)
+    if (!e->seqs || !e->tables || !e->keys || !e->items || !e->fwd || !e->draws || !e->drawn ||
+        !e->logits || !e->logit0)
         goto oom;
     for (int i = 0; i < p.max_seqs; i++) {
         e->seqs[i].table = e->tables + (size_t)i * (size_t)e->max_blocks_per_seq;
@@ -351,6 +354,8 @@ void engine_destroy(struct engine **ep)
     free(e->keys);
     free(e->items);
     free(e->fwd);
+    free(e->draws);
+    free(e->drawn);
     free(e->logits);
     free(e->logit0);
     backend_destroy(&e->be);
@@ -543,10 +548,9 @@ static int engine_add_generate_id(struct engine *e, uint64_t job_id, int interna
     j->sp = sp;
     j->cap = cap;
     j->n_ids = n_prompt;
-    j->rngs = malloc((size_t)n * sizeof *j->rngs);
     j->res->outputs = calloc((size_t)n, sizeof *j->res->outputs);
     j->res->ids_storage_ = malloc((size_t)n * (size_t)cap * sizeof(int32_t));
-    if (!j->rngs || !j->res->outputs || !j->res->ids_storage_)
+    if (!j->res->outputs || !j->res->ids_storage_)
         goto oom;
     j->res->n_outputs = n;
     j->res->prompt_tokens = n_prompt;
@@ -555,7 +559,6 @@ static int engine_add_generate_id(struct engine *e, uint64_t job_id, int interna
         memcpy(buf, prompt, (size_t)n_prompt * sizeof *buf);
         j->res->outputs[i].ids = buf + n_prompt;
         j->res->outputs[i].finish = ENGINE_FINISH_CANCELLED;
-        sampler_rng_seed(&j->rngs[i], sampling->seed, (uint64_t)i);
     }
     j->prefix_target = n_prompt;
     j->phase = ENGINE_QUEUED;
@@ -937,15 +940,46 @@ static int engine_is_eos(const struct model_config *cfg, int32_t t)
     return 0;
 }
 
-/* Draws sample (job slot k)'s next id from `logits`. Returns 0, or -1 with err filled when
- * the sampler fails (the caller fails the job). */
+/* The key of sample q's next draw: (seed, the sample's index, the index of the token being
+ * drawn). Every draw either appends a token or ends the sample, so the tokens past the
+ * prompt count the draws made: the key survives preemption and recomputation unchanged. */
+static struct sampler_key engine_draw_key(const struct engine_job *j,
+                                          const struct engine_seq *q)
+{
+    return (struct sampler_key){.seed = j->sampling.seed,
+                                .stream = (uint64_t)q->item,
+                                .step = (uint64_t)(q->n_tokens - j->n_ids)};
+}
+
+/* Whether generate job j's next ids are drawn by the backend (FWD_SAMPLE) rather than from
+ * logits on the host: when the backend can, except at the fork of a job of several samples,
+ * whose first ids all come from the one row of logits the shared prefill gives. */
+static int engine_backend_draws(const struct engine *e, const struct engine_job *j)
+{
+    return (e->be->caps & BACKEND_CAP_SAMPLE) && (j->forked || j->n_items == 1);
+}
+
+/* Sample (job slot k)'s next id: *drawn when the backend drew it (FWD_SAMPLE), else drawn
+ * from `logits` by the host sampler; then appended, or the sample finished. Returns 0, or -1
+ * with err filled when no id could be drawn (the caller fails the job). */
 static int engine_draw(struct engine *e, struct engine_job *j, int k, const float *logits,
-                       char *err, size_t err_len)
+                       const int32_t *drawn, char *err, size_t err_len)
 {
     struct engine_seq *q = &e->seqs[j->slots[k]];
     int32_t t;
-    if (sampler_sample(e->sampler, logits, &j->sp, &j->rngs[q->item], &t, err, err_len) != 0)
-        return -1;
+    if (drawn) {
+        t = *drawn;
+        if (t < 0 || t >= e->cfg->vocab_size) {
+            snprintf(err, err_len, "backend %s drew id %d, outside the vocabulary 0..%d (the "
+                     "logits hold no finite value?)", e->be->ops->name, (int)t,
+                     e->cfg->vocab_size - 1);
+            return -1;
+        }
+    } else {
+        struct sampler_key key = engine_draw_key(j, q);
+        if (sampler_sample(e->sampler, logits, &j->sp, &key, &t, err, err_len) != 0)
+            return -1;
+    }
     struct engine_output *o = &j->res->outputs[q->item];
     j->res->completion_tokens++;
     int finished = 0;
@@ -969,9 +1003,11 @@ static int engine_draw(struct engine *e, struct engine_job *j, int k, const floa
 
 /* The lead finished the PREFIX phase: share its blocks. For a generate job's first prefill this
  * is the fork: every sample copies the lead's table (one reference per block, the partial last
- * block included: copy-on-write happens at its first write) and draws its first id. */
+ * block included: copy-on-write happens at its first write) and draws its first id, from
+ * `logits`, or (a job of one sample on a backend that samples) *drawn. */
 static int engine_prefix_done(struct engine *e, struct engine_job *j, int k_lead,
-                              const float *logits, char *err, size_t err_len)
+                              const float *logits, const int32_t *drawn, char *err,
+                              size_t err_len)
 {
     struct engine_seq *lead = &e->seqs[j->slots[k_lead]];
     int nb = j->prefix_target / B;
@@ -1006,7 +1042,7 @@ static int engine_prefix_done(struct engine *e, struct engine_job *j, int k_lead
         j->forked = 1;
         j->prefix_target = nb * B; /* what a restart after preemption recomputes first */
         for (int k = 0; k < j->n_slots && j->phase != ENGINE_FINISHED; k++)
-            if (j->slots[k] >= 0 && engine_draw(e, j, k, logits, err, err_len) != 0)
+            if (j->slots[k] >= 0 && engine_draw(e, j, k, logits, drawn, err, err_len) != 0)
                 return -1;
         return 0;
     }
@@ -1211,6 +1247,8 @@ int engine_step(struct engine *e, char *err, size_t err_len)
         f->n_blocks = q->n_table;
         f->output = FWD_NONE;
         f->out = NULL;
+        f->sample = NULL;
+        f->token = NULL;
         int stop = q->n_computed + it->n;
         int at_end = j->phase == ENGINE_PREFIX ? stop == j->prefix_target : stop == q->n_tokens;
         if (at_end) {
@@ -1222,8 +1260,22 @@ int engine_step(struct engine *e, char *err, size_t err_len)
                 f->out = j->res->logits;
             } else if (j->kind == ENGINE_JOB_GENERATE &&
                        (j->phase == ENGINE_SEQS || !j->forked)) {
-                f->output = FWD_LAST;
-                f->out = e->logits + (size_t)i * (size_t)e->cfg->vocab_size;
+                if (engine_backend_draws(e, j)) {
+                    struct sampler_key key = engine_draw_key(j, q);
+                    e->draws[i] = (struct fwd_sample){.temperature = j->sp.temperature,
+                                                      .top_p = j->sp.top_p,
+                                                      .top_k = j->sp.top_k,
+                                                      .seed = key.seed,
+                                                      .stream = key.stream,
+                                                      .step = key.step};
+                    e->drawn[i] = -1;
+                    f->output = FWD_SAMPLE;
+                    f->sample = &e->draws[i];
+                    f->token = &e->drawn[i];
+                } else {
+                    f->output = FWD_LAST;
+                    f->out = e->logits + (size_t)i * (size_t)e->cfg->vocab_size;
+                }
             }
         }
         n_fwd++;
@@ -1256,14 +1308,18 @@ int engine_step(struct engine *e, char *err, size_t err_len)
         q->n_computed += it->n;
         int k = engine_job_slot(j, it->slot);
         const float *row = e->logits + (size_t)i * (size_t)e->cfg->vocab_size;
+        /* The batch item's output kind was chosen when the batch was built (nothing between
+         * there and here changes what engine_backend_draws says for this job). */
+        const int32_t *drawn = j->kind == ENGINE_JOB_GENERATE && engine_backend_draws(e, j)
+                                   ? &e->drawn[i] : NULL;
         char why[256] = "";
         int bad = 0;
         if (j->phase == ENGINE_PREFIX) {
             if (q->n_computed == j->prefix_target)
-                bad = engine_prefix_done(e, j, k, row, why, sizeof why);
+                bad = engine_prefix_done(e, j, k, row, drawn, why, sizeof why);
         } else if (q->n_computed == q->n_tokens) {
             if (j->kind == ENGINE_JOB_GENERATE) {
-                bad = engine_draw(e, j, k, row, why, sizeof why);
+                bad = engine_draw(e, j, k, row, drawn, why, sizeof why);
             } else {
                 if (j->kind == ENGINE_JOB_SCORE)
                     j->res->scores[q->item] = e->logit0[i];

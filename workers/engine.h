@@ -10,10 +10,12 @@
  * - generate (prompt, n samples): the prompt is prefilled ONCE (in chunks of at most
  *   max_batch_tokens - max_seqs tokens); then the n samples fork: each holds the prompt's KV
  *   blocks read-only (refcounted), and the partly filled last block is copied per sample
- *   (copy-on-write) before a sample writes into it. Each sample draws from its own generator
- *   seeded by (seed, sample index) alone, so its tokens depend only on the prompt, the
- *   parameters and the seed, never on what else shares the batch (given a batch-invariant
- *   backend).
+ *   (copy-on-write) before a sample writes into it. Each draw's uniform is a pure function of
+ *   (seed, sample index, token index) (draw.h), so a sample's tokens depend only on the
+ *   prompt, the parameters and the seed, never on what else shares the batch (given a
+ *   batch-invariant backend). A backend with BACKEND_CAP_SAMPLE draws on its device
+ *   (FWD_SAMPLE, the same function), except the first ids of a job of several samples, which
+ *   the host draws from the shared prefill's one row of logits.
  * - score (conversations): the longest common prefix, rounded down to whole KV blocks, is
  *   prefilled once and shared; then each conversation's suffix; each yields the logit of
  *   vocabulary id 0 at its last position (the Nemotron Reward/Select convention).
@@ -62,7 +64,7 @@ struct engine_sampling {
     float temperature; /* >= 0; 0 = greedy */
     float top_p;       /* (0, 1]; 1 = off */
     int top_k;         /* >= 0; 0 = off */
-    uint64_t seed;     /* sample i draws from a generator seeded by (seed, i) */
+    uint64_t seed;     /* sample i's t-th token is drawn with draw_uniform(seed, i, t) */
     int max_tokens;    /* >= 1: most tokens generated per sample (the stop token included) */
     int ignore_eos;    /* nonzero: do not stop on the model's EOS ids */
 };

@@ -1,5 +1,6 @@
 /* itsw.c — the worker binary: local verbs over one model (tokenize, detokenize, chat-ids,
- * logits, generate, score, bench) and `serve`, the worker daemon (itsw_serve.c).
+ * logits, generate, score, bench), the cuda kernels' self-tests (selftest) and `serve`, the
+ * worker daemon (itsw_serve.c).
  *
  * Contract (DESIGN.md, stable: other tooling scripts against it): JSON on stdout; on failure
  * one line on stderr naming the problem, nothing on stdout, and a non-zero exit.
@@ -16,8 +17,10 @@
 #include <string.h>
 
 #include "bench.h"
+#include "bench_cuda.h"
 #include "chat.h"
 #include "checkpoint.h"
+#include "cuda_tools.h"
 #include "engine.h"
 #include "itsw_serve.h"
 #include "model.h"
@@ -38,6 +41,8 @@ static const char itsw_usage[] =
     "             [--top-k K] [--seed S] [--n K] [--ignore-eos]\n"
     "  score      --model DIR --messages FILE                -> {\"score\"}\n"
     "  bench      --shape NAME [--threads N] | --tokenizer --model DIR [--text-file F]\n"
+    "  bench      --backend cuda [--shape NAME] [--device N]   GPU throughput vs ceilings\n"
+    "  selftest   --backend cuda [--device N] [--seed S]       kernel self-tests on the GPU\n"
     "  serve      [--config FILE] [--connect EP] [--role R] [--model DIR] [--backend B] ...\n"
     "common: --backend cpu|cuda (default cpu), --device N, --threads N, --chat-format NAME\n"
     "        (llama3|llama31|nemotron-super|plain|auto), --kv-tokens N, --max-seqs N\n"
@@ -766,14 +771,117 @@ out:
     return exit_code;
 }
 
+/* "13.0" from CUDA's 13000 encoding. */
+static json_t *itsw_cuda_version(int v)
+{
+    char s[32];
+    snprintf(s, sizeof s, "%d.%d", v / 1000, v % 1000 / 10);
+    return json_string(s);
+}
+
+/* Adds `value` under `key`; on a NULL value (out of memory) marks the document broken. */
+static void itsw_set(json_t *obj, const char *key, json_t *value, int *broken)
+{
+    if (!obj || !value || json_object_set_new(obj, key, value) != 0)
+        *broken = 1;
+}
+
+/* `itsw bench --backend cuda`: the JSON layout is docs/BENCHMARKS.md's "GPU" section. */
+static int itsw_bench_cuda(const struct itsw_args *a)
+{
+    struct bench_cuda_params p = {.shape = a->shape ? a->shape : "llama-3.1-8b",
+                                  .device = (int)a->device,
+                                  .seed = a->seed};
+    struct bench_cuda_result *r = calloc(1, sizeof *r);
+    char err[ITSW_ERR_LEN];
+    if (!r) {
+        itsw_fail("bench: out of memory");
+        return ITSW_EXIT_FAIL;
+    }
+    if (bench_cuda_run(&p, r, err, sizeof err) != 0) {
+        itsw_fail("%s", err);
+        free(r);
+        return ITSW_EXIT_FAIL;
+    }
+    const char *commit = getenv("ITS_COMMIT");
+    int broken = 0;
+    json_t *doc = json_object();
+    itsw_set(doc, "bench", json_string("engine"), &broken);
+    itsw_set(doc, "backend", json_string("cuda"), &broken);
+    itsw_set(doc, "shape", json_string(r->shape), &broken);
+    itsw_set(doc, "dtype", json_string("BF16"), &broken);
+    itsw_set(doc, "device", json_integer(r->device), &broken);
+    itsw_set(doc, "gpu", json_string(r->ceil.device_name), &broken);
+    itsw_set(doc, "sm_count", json_integer(r->ceil.sm_count), &broken);
+    itsw_set(doc, "driver", itsw_cuda_version(r->ceil.driver_version), &broken);
+    itsw_set(doc, "runtime", itsw_cuda_version(r->ceil.runtime_version), &broken);
+    itsw_set(doc, "commit", json_string(commit && *commit ? commit : "unknown"), &broken);
+    itsw_set(doc, "kv_blocks", json_integer(r->kv_blocks), &broken);
+
+    json_t *ceil = json_object();
+    itsw_set(ceil, "copy_gb_s", json_real(r->ceil.copy_gb_s), &broken);
+    itsw_set(ceil, "bf16_tflops", json_real(r->ceil.bf16_tflops), &broken);
+    itsw_set(ceil, "mem_total_bytes", json_integer((json_int_t)r->ceil.mem_total), &broken);
+    itsw_set(ceil, "mem_free_bytes", json_integer((json_int_t)r->ceil.mem_free), &broken);
+    itsw_set(doc, "ceilings", ceil, &broken);
+
+    json_t *pre = json_object();
+    itsw_set(pre, "tokens", json_integer(r->prefill_tokens), &broken);
+    itsw_set(pre, "seconds", json_real(r->prefill_s), &broken);
+    itsw_set(pre, "tok_per_s", json_real(r->prefill_tok_s), &broken);
+    itsw_set(doc, "prefill", pre, &broken);
+
+    json_t *dec = json_object(), *batches = json_array();
+    itsw_set(dec, "context", json_integer(r->decode_context), &broken);
+    itsw_set(dec, "warmup_steps", json_integer(r->warmup_steps), &broken);
+    itsw_set(dec, "steps", json_integer(r->steps), &broken);
+    for (int i = 0; i < r->n_batches && batches; i++) {
+        json_t *b = json_object();
+        itsw_set(b, "batch", json_integer(r->decode[i].batch), &broken);
+        itsw_set(b, "step_ms", json_real(r->decode[i].step_ms), &broken);
+        itsw_set(b, "tok_per_s", json_real(r->decode[i].tok_s), &broken);
+        itsw_set(b, "gemm_util", json_real(r->decode[i].gemm_util), &broken);
+        if (!b || json_array_append_new(batches, b) != 0)
+            broken = 1;
+    }
+    itsw_set(dec, "batches", batches, &broken);
+    itsw_set(doc, "decode", dec, &broken);
+
+    json_t *sh = json_object();
+    itsw_set(sh, "prompt_tokens", json_integer(r->shared_prompt), &broken);
+    itsw_set(sh, "n", json_integer(r->n_samples), &broken);
+    itsw_set(sh, "copied_blocks", json_integer(r->copied_blocks), &broken);
+    itsw_set(sh, "shared_step_ms", json_real(r->shared_step_ms), &broken);
+    itsw_set(sh, "single_step_ms", json_real(r->single_step_ms), &broken);
+    itsw_set(sh, "unshared_step_ms", json_real(r->unshared_step_ms), &broken);
+    itsw_set(sh, "shared_over_single", json_real(r->shared_over_single), &broken);
+    itsw_set(sh, "unshared_over_single", json_real(r->unshared_over_single), &broken);
+    itsw_set(sh, "target_shared_over_single", json_real(1.3), &broken);
+    itsw_set(doc, "shared_prefix", sh, &broken);
+
+    json_t *roof = json_object();
+    itsw_set(roof, "weight_bytes_per_step", json_real(r->weight_bytes_per_step), &broken);
+    itsw_set(roof, "flops_per_token", json_real(r->flops_per_token), &broken);
+    itsw_set(roof, "batch1_tok_per_s", json_real(r->roofline_b1_tok_s), &broken);
+    itsw_set(roof, "batch1_ratio", json_real(r->b1_ratio), &broken);
+    itsw_set(doc, "roofline", roof, &broken);
+    free(r);
+    if (broken) {
+        json_decref(doc);
+        doc = NULL;
+    }
+    return itsw_print_json(doc) == 0 ? ITSW_EXIT_OK : ITSW_EXIT_FAIL;
+}
+
 static int itsw_cmd_bench(const struct itsw_args *a)
 {
     if (a->bench_tokenizer)
         return itsw_bench_tokenizer(a);
+    if (strcmp(a->backend, "cuda") == 0)
+        return itsw_bench_cuda(a);
     if (strcmp(a->backend, "cpu") != 0) {
-        itsw_fail("bench: backend '%s' has no benchmark in this build (use --backend cpu)",
-                  a->backend);
-        return ITSW_EXIT_FAIL;
+        itsw_fail("bench: unknown backend '%s' (choose cpu or cuda)", a->backend);
+        return ITSW_EXIT_USAGE;
     }
     struct bench_params p = {
         .shape = a->shape ? a->shape : "llama-3.2-1b",
@@ -800,6 +908,64 @@ static int itsw_cmd_bench(const struct itsw_args *a)
     return itsw_print_json(doc) == 0 ? ITSW_EXIT_OK : ITSW_EXIT_FAIL;
 }
 
+/* `itsw selftest --backend cuda`: every kernel self-test on the device. Exit 0 when all pass,
+ * 1 when some fail (the JSON lists them), 2 when the tests cannot run (no plugin, driver or
+ * device: one line on stderr, nothing on stdout). */
+static int itsw_cmd_selftest(const struct itsw_args *a)
+{
+    if (strcmp(a->backend, "cuda") != 0) {
+        itsw_fail("selftest: backend '%s' has no kernel self-tests (use --backend cuda)",
+                  a->backend);
+        return ITSW_EXIT_USAGE;
+    }
+    const size_t len = (size_t)1 << 20;
+    char *report = malloc(len);
+    if (!report) {
+        itsw_fail("selftest: out of memory");
+        return ITSW_EXIT_FAIL;
+    }
+    unsigned long long seed = a->seed ? a->seed : 1;
+    int n_checks = 0;
+    int failures = cuda_selftest((int)a->device, seed, report, len, &n_checks);
+    if (failures < 0) {
+        /* one line: the reason may span several */
+        for (char *c = report; *c; c++)
+            if (*c == '\n')
+                *c = ' ';
+        itsw_fail("selftest: %s", report);
+        free(report);
+        return ITSW_EXIT_USAGE;
+    }
+    int broken = 0;
+    json_t *lines = json_array();
+    for (char *line = report; lines && *line;) {
+        char *end = strchr(line, '\n');
+        size_t n = end ? (size_t)(end - line) : strlen(line);
+        if (n && json_array_append_new(lines, json_stringn(line, n)) != 0)
+            broken = 1;
+        line += n + (end ? 1 : 0);
+    }
+    json_t *doc = json_object();
+    itsw_set(doc, "selftest", json_string("cuda"), &broken);
+    itsw_set(doc, "device", json_integer(a->device), &broken);
+    itsw_set(doc, "seed", json_integer((json_int_t)seed), &broken);
+    itsw_set(doc, "checks", json_integer(n_checks), &broken);
+    itsw_set(doc, "failures", json_integer(failures), &broken);
+    itsw_set(doc, "report", lines, &broken);
+    free(report);
+    if (broken) {
+        json_decref(doc);
+        doc = NULL;
+    }
+    if (itsw_print_json(doc) != 0)
+        return ITSW_EXIT_FAIL;
+    if (failures > 0) {
+        itsw_fail("selftest: %d of %d checks failed", failures, n_checks);
+        return ITSW_EXIT_FAIL;
+    }
+    return ITSW_EXIT_OK;
+}
+
 struct itsw_verb {
     const char *name;
     int (*run)(const struct itsw_args *a);
@@ -809,7 +975,7 @@ static const struct itsw_verb itsw_verbs[] = {
     {"tokenize", itsw_cmd_tokenize}, {"detokenize", itsw_cmd_detokenize},
     {"chat-ids", itsw_cmd_chat_ids}, {"logits", itsw_cmd_logits},
     {"generate", itsw_cmd_generate}, {"score", itsw_cmd_score},
-    {"bench", itsw_cmd_bench},
+    {"bench", itsw_cmd_bench}, {"selftest", itsw_cmd_selftest},
 };
 
 int main(int argc, char **argv)

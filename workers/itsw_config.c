@@ -16,9 +16,11 @@
 #include <unistd.h>
 #include <zmq.h>
 
+#include "checkpoint.h"
+
 /* CFG_PATH is a string that, when it comes from a file and is relative, is taken relative to
  * that file's directory (so a config works wherever the daemon is started from). */
-enum cfg_kind { CFG_STRING, CFG_PATH, CFG_INT, CFG_ROLE };
+enum cfg_kind { CFG_STRING, CFG_PATH, CFG_INT, CFG_ROLE, CFG_BOOL };
 
 struct cfg_option {
     const char *key;
@@ -36,9 +38,16 @@ static const struct cfg_option cfg_options[] = {
      "itsd's backend endpoint (tcp:// or ipc://)"},
     {"role", CFG_ROLE, CFG_AT(role), NULL, 0, 0, "instruct | feedback | edit | select"},
     {"model", CFG_PATH, CFG_AT(model_dir), NULL, 0, 0,
-     "Hugging Face model directory (in a file: relative to the file)"},
+     "Hugging Face model directory (in a file: relative to the file), or random:SHAPE"},
     {"model_name", CFG_STRING, CFG_AT(model_name), "", 0, 0,
      "name announced to itsd (default: the model directory's name)"},
+    {"tokenizer", CFG_PATH, CFG_AT(tokenizer_dir), "", 0, 0,
+     "directory of tokenizer.json and tokenizer_config.json; empty = the model directory "
+     "(required with random:)"},
+    {"random_seed", CFG_INT, CFG_AT(random_seed), "1", 0, INT_MAX,
+     "seed of the weights of a random:SHAPE model"},
+    {"ignore_eos", CFG_BOOL, CFG_AT(ignore_eos), "false", 0, 0,
+     "true: every generate runs to its max_tokens (benchmarks)"},
     {"backend", CFG_STRING, CFG_AT(backend), "cpu", 0, 0, "cpu | cuda"},
     {"device", CFG_INT, CFG_AT(device), "0", 0, 1024, "cuda device ordinal"},
     {"chat_format", CFG_STRING, CFG_AT(chat_format), "auto", 0, 0,
@@ -120,6 +129,14 @@ static const char *cfg_set(struct itsw_config *c, const struct cfg_option *o, co
         *(int *)field = (int)v;
         return NULL;
     }
+    case CFG_BOOL:
+        if (strcmp(value, "true") == 0 || strcmp(value, "1") == 0)
+            *(bool *)field = true;
+        else if (strcmp(value, "false") == 0 || strcmp(value, "0") == 0)
+            *(bool *)field = false;
+        else
+            return "not true or false";
+        return NULL;
     case CFG_ROLE: {
         enum proto_role r;
         if (proto_role_from_name(value, &r) != 0)
@@ -165,7 +182,9 @@ static int cfg_handler(void *user, const char *section, const char *name, const 
     }
     char resolved[4096];
     const char *slash = strrchr(cf->path, '/');
-    if (o->kind == CFG_PATH && value[0] != '/' && value[0] && slash) {
+    bool random_model = o->offset == CFG_AT(model_dir) &&
+                        strncmp(value, ITSW_RANDOM_PREFIX, strlen(ITSW_RANDOM_PREFIX)) == 0;
+    if (o->kind == CFG_PATH && !random_model && value[0] != '/' && value[0] && slash) {
         int n = snprintf(resolved, sizeof resolved, "%.*s/%s", (int)(slash - cf->path), cf->path,
                          value);
         if (n < 0 || (size_t)n >= sizeof resolved) {
@@ -218,6 +237,28 @@ static int cfg_flag_key(const char *flag, char *out, size_t out_len)
         out[i++] = *p == '-' ? '_' : *p;
     out[i] = '\0';
     return 0;
+}
+
+/* model = random:SHAPE: the shape must be known, and the tokenizer comes from `tokenizer`
+ * (there is no model directory to take it from). */
+static void cfg_check_random(struct itsw_config *c, struct cfg_errors *errors)
+{
+    size_t plen = strlen(ITSW_RANDOM_PREFIX);
+    if (strncmp(c->model_dir, ITSW_RANDOM_PREFIX, plen) != 0)
+        return;
+    const char *shape = c->model_dir + plen;
+    struct model_config cfg;
+    if (model_shape_by_name(shape, &cfg) != 0) {
+        cfg_error(errors, "model = '%s': unknown shape '%s' (known: %s)", c->model_dir, shape,
+                  model_shape_names());
+        return;
+    }
+    if (!c->tokenizer_dir || !*c->tokenizer_dir) {
+        cfg_error(errors, "model = '%s': random weights need tokenizer = DIR (a directory with "
+                  "tokenizer.json and tokenizer_config.json)", c->model_dir);
+        return;
+    }
+    c->random_shape = shape;
 }
 
 /* Fills the defaults that depend on other values. */
@@ -399,6 +440,8 @@ int itsw_config_from_args(int argc, char **argv, struct itsw_config *c, char *er
         cfg_error(&errors, "role is required (--role instruct|feedback|edit|select)");
     if (!c->model_dir || !*c->model_dir)
         cfg_error(&errors, "model is required (--model DIR)");
+    else
+        cfg_check_random(c, &errors);
     if (errors.count == 0)
         cfg_derive(c, &errors);
     if (errors.count == 0)
@@ -416,6 +459,7 @@ void itsw_config_deinit(struct itsw_config *c)
             free(*field);
             *field = NULL;
         }
+    c->random_shape = NULL;
     c->curve = false;
     memset(c->curve_secret, 0, sizeof c->curve_secret);
 }

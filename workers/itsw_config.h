@@ -14,8 +14,11 @@
 struct itsw_config {
     char *connect;     /* itsd's backend endpoint */
     enum proto_role role;
-    char *model_dir;   /* Hugging Face model directory */
+    char *model_dir;   /* Hugging Face model directory, or "random:SHAPE" (ITSW_RANDOM_PREFIX) */
     char *model_name;  /* announced to itsd; default: the directory's last component */
+    char *tokenizer_dir; /* tokenizer.json + tokenizer_config.json; "" = model_dir */
+    int random_seed;   /* seed of the random weights of a random: model */
+    bool ignore_eos;   /* every generate runs to its max_tokens (benchmarks) */
     char *backend;     /* cpu | cuda */
     int device;        /* cuda device ordinal */
     char *chat_format; /* auto | llama3 | llama31 | nemotron-super | plain */
@@ -32,13 +35,21 @@ struct itsw_config {
     /* from the two files above, when both are set (docs/security.md) */
     bool curve;
     uint8_t curve_server[32], curve_public[32], curve_secret[32];
+    /* derived: for model = random:SHAPE, SHAPE (points into model_dir; a name that
+     * model_shape_by_name knows, checked here); NULL for a model directory */
+    const char *random_shape;
 };
+
+/* `model = random:SHAPE` serves random weights of a named shape (model_shape_by_name) with the
+ * tokenizer of `tokenizer`, instead of a checkpoint: for benchmarks and load tests. */
+#define ITSW_RANDOM_PREFIX "random:"
 
 /* Fills *c from `--config FILE` (if given) and then the flags in argv (argv[0] is the verb).
  * Returns 0, 1 when --help was asked (nothing else done), or -1 with err holding every
  * problem found, each as "FILE:LINE: key: reason" or "--flag: reason", separated by "; ".
  * The CURVE key files (server_key, key) are read here too, so a bad one stops the worker
- * before it loads a model.
+ * before it loads a model. A random: model's shape name is checked here, and a tokenizer
+ * directory is then required.
  * *c must be released with itsw_config_deinit in every case. */
 int itsw_config_from_args(int argc, char **argv, struct itsw_config *c, char *err,
                           size_t err_len);

@@ -11,6 +11,11 @@
  * With CURVE keys (server_key, key) the socket is a CURVE client, and a monitor on it turns a
  * refused key into a log line (once per connection attempt series) instead of silence.
  *
+ * The model is a checkpoint directory, or with `model = random:SHAPE` random weights of a named
+ * shape: on the cpu backend an in-memory random checkpoint, on cuda weights the backend makes
+ * on its device (backend_open_random). At log level debug every finished job is logged with its
+ * timing (queue + prefill to the first token, decode time per step), which benchmarks read.
+ *
  * Owns the model (checkpoint, tokenizer, engine), the socket and the table of running jobs.
  * Never exits from inside a job: a bad job gets a job_error, the daemon goes on.
  */
@@ -29,6 +34,7 @@
 #include <unistd.h>
 #include <zmq.h>
 
+#include "backend.h"
 #include "chat.h"
 #include "checkpoint.h"
 #include "engine.h"
@@ -70,6 +76,13 @@ static uint64_t serve_now_ms(void)
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
+static uint64_t serve_now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
 /* A generate or score job the engine is running for itsd. */
 struct serve_job {
     uint64_t id;
@@ -79,6 +92,11 @@ struct serve_job {
     enum engine_finish *finish;  /* generate: why sample i ended, once done[i] */
     bool *done;                  /* generate: sample i drew its last id */
     bool *sample_sent;           /* generate: its `sample` message went out */
+    /* timing, for the debug line at the end (microseconds, CLOCK_MONOTONIC) */
+    uint64_t added_us;           /* accepted into the engine */
+    uint64_t first_us, last_us;  /* generate: the steps that drew its first and last ids */
+    uint64_t last_step;          /* generate: serve.step_no of the last step that drew an id */
+    int steps;                   /* generate: engine steps that drew ids for it */
 };
 
 struct serve {
@@ -86,6 +104,9 @@ struct serve {
     struct tokenizer *tok;
     enum chat_format format;
     struct checkpoint *ck;
+    /* the shape of a random: model; lives as long as the engine, since a backend may borrow
+     * its config (backend.h: struct backend.cfg) */
+    struct model_config random_cfg;
     struct engine *eng;
     void *zctx;
     void *sock;
@@ -96,6 +117,7 @@ struct serve {
     size_t n_jobs, cap_jobs;
     uint64_t last_heard_ms; /* last message from itsd */
     uint64_t next_beat_ms;  /* next heartbeat we owe itsd */
+    uint64_t step_no;       /* engine steps run so far (tells one step's ids from the next) */
 };
 
 /* ---- sending ------------------------------------------------------------------------------- */
@@ -206,6 +228,7 @@ static struct serve_job *serve_job_add(struct serve *s, uint64_t id, enum proto_
     memset(j, 0, sizeof *j);
     j->id = id;
     j->kind = kind;
+    j->added_us = serve_now_us();
     if (kind == PROTO_GENERATE) {
         j->n_samples = n_samples;
         j->drawn = calloc((size_t)n_samples, sizeof *j->drawn);
@@ -271,7 +294,7 @@ static void serve_on_generate(struct serve *s, const struct proto_generate *g)
         .top_k = (int)g->sampling.top_k,
         .seed = g->sampling.seed,
         .max_tokens = (int)g->sampling.max_tokens,
-        .ignore_eos = g->sampling.ignore_eos,
+        .ignore_eos = g->sampling.ignore_eos || s->cfg.ignore_eos,
     };
     struct serve_job *j = serve_job_add(s, g->job, PROTO_GENERATE, (int)g->n);
     if (!j) {
@@ -416,6 +439,14 @@ static void serve_on_token(void *ud, uint64_t job_id, int sample, int32_t token,
     struct serve_job *j = serve_job_find(s, job_id);
     if (!j || j->kind != PROTO_GENERATE || sample < 0 || sample >= j->n_samples)
         return;
+    if (j->steps == 0 || j->last_step != s->step_no) {
+        uint64_t now = serve_now_us();
+        if (j->steps == 0)
+            j->first_us = now;
+        j->last_us = now;
+        j->last_step = s->step_no;
+        j->steps++;
+    }
     if (!(finished && finish == ENGINE_FINISH_STOP))
         tokenizer_ids_push(&j->drawn[sample], token); /* on OOM the final result still has all */
     if (finished) {
@@ -476,6 +507,31 @@ static void serve_flush_samples(struct serve *s)
     }
 }
 
+/* The debug line benchmarks read (deploy/gpu_service_bench.sh parses it: keep its words):
+ * first_token_ms = from acceptance to the step that drew the first ids (queueing and
+ * prefill); decode_ms_per_step = the time between that step and the last one over the steps
+ * between them. */
+static void serve_log_timing(const struct serve_job *j, const struct engine_result *r)
+{
+    if (serve_log_level < SERVE_LOG_DEBUG)
+        return;
+    uint64_t now = serve_now_us();
+    if (j->kind == PROTO_GENERATE) {
+        double first_ms = j->steps ? (double)(j->first_us - j->added_us) / 1e3 : 0;
+        double per_step = j->steps > 1 ? (double)(j->last_us - j->first_us) / 1e3 /
+                                             (double)(j->steps - 1) : 0;
+        serve_log(SERVE_LOG_DEBUG, "job %llu done: generate n=%d prompt_tokens=%d "
+                  "completion_tokens=%d steps=%d first_token_ms=%.3f decode_ms_per_step=%.4f "
+                  "total_ms=%.3f", (unsigned long long)j->id, j->n_samples, r->prompt_tokens,
+                  r->completion_tokens, j->steps, first_ms, per_step,
+                  (double)(now - j->added_us) / 1e3);
+    } else {
+        serve_log(SERVE_LOG_DEBUG, "job %llu done: score n=%d prompt_tokens=%d total_ms=%.3f",
+                  (unsigned long long)j->id, r->n_scores, r->prompt_tokens,
+                  (double)(now - j->added_us) / 1e3);
+    }
+}
+
 static void serve_send_result(struct serve *s, struct engine_result *r)
 {
     struct serve_job *j = serve_job_find(s, r->job_id);
@@ -491,6 +547,7 @@ static void serve_send_result(struct serve *s, struct engine_result *r)
         serve_job_remove(s, r->job_id);
         return;
     }
+    serve_log_timing(j, r);
     struct proto_msg m = {0};
     if (j->kind == PROTO_GENERATE) {
         m.type = PROTO_GENERATE_RESULT;
@@ -672,18 +729,71 @@ static void serve_close(struct serve *s)
     itsw_config_deinit(&s->cfg);
 }
 
+/* Random weights of c->random_shape (validated by the config): the cpu backend runs over an
+ * in-memory random checkpoint (bf16, as `itsw bench`), any other backend makes them itself on
+ * its device (backend_open_random), so no host copy of a big model is made. */
+static int serve_open_random(struct serve *s, const struct model_config *mc,
+                             const struct engine_params *p, char *err, size_t err_len)
+{
+    const struct itsw_config *c = &s->cfg;
+    uint64_t seed = (uint64_t)c->random_seed;
+    if (!c->backend || strcmp(c->backend, "cpu") == 0) {
+        if (checkpoint_new_random(mc, DTYPE_BF16, seed, &s->ck, err, err_len) != 0)
+            return -1;
+        return engine_new(s->ck, p, &s->eng, err, err_len);
+    }
+    /* engine_new_with_backend takes the KV pool from the backend: size it here the way
+     * engine_new would (its defaults, engine.h). */
+    int max_seqs = p->max_seqs ? p->max_seqs : ENGINE_DEFAULT_MAX_SEQS;
+    int max_batch = p->max_batch_tokens;
+    if (!max_batch)
+        max_batch = 2 * max_seqs > ENGINE_DEFAULT_MAX_BATCH_TOKENS
+                        ? 2 * max_seqs : ENGINE_DEFAULT_MAX_BATCH_TOKENS;
+    struct backend_params bp = {
+        .kv_tokens = p->kv_tokens ? p->kv_tokens : ENGINE_DEFAULT_KV_TOKENS,
+        .max_batch_tokens = max_batch,
+        .max_batch_seqs = max_seqs,
+        .n_threads = p->n_threads,
+        .device = p->device,
+    };
+    struct backend *be = NULL;
+    if (backend_open_random(c->backend, mc, seed, &bp, &be, err, err_len) != 0)
+        return -1;
+    return engine_new_with_backend(&be, p, &s->eng, err, err_len);
+}
+
 static int serve_open_model(struct serve *s)
 {
     char err[SERVE_ERR_LEN], path[PATH_MAX];
     const struct itsw_config *c = &s->cfg;
-    if ((size_t)snprintf(path, sizeof path, "%s/tokenizer.json", c->model_dir) >= sizeof path) {
-        serve_log(SERVE_LOG_ERROR, "model: path too long");
+    const char *tok_dir = c->tokenizer_dir && *c->tokenizer_dir ? c->tokenizer_dir : c->model_dir;
+    if ((size_t)snprintf(path, sizeof path, "%s/tokenizer.json", tok_dir) >= sizeof path) {
+        serve_log(SERVE_LOG_ERROR, "tokenizer: path too long");
         return -1;
     }
     if (tokenizer_open(path, &s->tok, err, sizeof err) != 0 ||
-        chat_format_for_model(c->model_dir, c->chat_format, &s->format, err, sizeof err) != 0 ||
-        checkpoint_open(c->model_dir, &s->ck, err, sizeof err) != 0) {
+        chat_format_for_model(tok_dir, c->chat_format, &s->format, err, sizeof err) != 0) {
         serve_log(SERVE_LOG_ERROR, "%s", err);
+        return -1;
+    }
+    const struct model_config *mc = &s->random_cfg;
+    if (c->random_shape) {
+        if (model_shape_by_name(c->random_shape, &s->random_cfg) != 0) { /* config checked it */
+            serve_log(SERVE_LOG_ERROR, "model: unknown shape '%s'", c->random_shape);
+            return -1;
+        }
+    } else {
+        if (checkpoint_open(c->model_dir, &s->ck, err, sizeof err) != 0) {
+            serve_log(SERVE_LOG_ERROR, "%s", err);
+            return -1;
+        }
+        mc = checkpoint_config(s->ck);
+    }
+    /* An id past the model's vocabulary would only fail later, job by job. */
+    if (tokenizer_vocab_size(s->tok) > mc->vocab_size) {
+        serve_log(SERVE_LOG_ERROR, "tokenizer %s has ids up to %d, past the vocabulary of model "
+                  "%s (vocab_size %d): use the model's own tokenizer", path,
+                  tokenizer_vocab_size(s->tok) - 1, c->model_dir, mc->vocab_size);
         return -1;
     }
     struct engine_params p = {
@@ -694,10 +804,17 @@ static int serve_open_model(struct serve *s)
         .n_threads = c->threads,
         .device = c->device,
     };
-    if (engine_new(s->ck, &p, &s->eng, err, sizeof err) != 0) {
+    uint64_t t0 = serve_now_ms();
+    int rc = c->random_shape ? serve_open_random(s, mc, &p, err, sizeof err)
+                             : engine_new(s->ck, &p, &s->eng, err, sizeof err);
+    if (rc != 0) {
         serve_log(SERVE_LOG_ERROR, "%s", err);
         return -1;
     }
+    if (c->random_shape)
+        serve_log(SERVE_LOG_INFO, "model %s: random weights (seed %d) on %s in %llu ms",
+                  c->random_shape, c->random_seed, engine_backend_name(s->eng),
+                  (unsigned long long)(serve_now_ms() - t0));
     engine_set_token_callback(s->eng, serve_on_token, s);
     return 0;
 }
@@ -759,6 +876,7 @@ int itsw_serve_main(int argc, char **argv)
         }
 
         if (engine_pending(s.eng)) {
+            s.step_no++;
             if (engine_step(s.eng, err, sizeof err) < 0)
                 serve_log(SERVE_LOG_ERROR, "engine step: %s", err);
             serve_flush_samples(&s);

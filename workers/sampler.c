@@ -1,12 +1,17 @@
 /* sampler.c — next-token choice over one row of logits: argmax, or a draw after temperature,
- * top-k and top-p filtering, with a seeded xoshiro256** generator per sample.
+ * top-k and top-p filtering with the counter-based uniform of draw.h (the function is defined
+ * in sampler.h).
  *
- * Owns one scratch array of (value, id) pairs sized for the vocabulary. Filtering never sorts
- * the whole vocabulary: top-k and the top-p nucleus are found with three-way partitioning in
- * expected linear time, so a draw over 128,256 logits costs a few passes. Never allocates per
- * call, never prints, never reads global state: a draw is a pure function of its inputs.
+ * Owns scratch arrays sized for the vocabulary. Nothing ever sorts the whole vocabulary: a
+ * draw is "the shortest prefix of the descending-probability order whose mass reaches a
+ * target" twice over (the top-p nucleus, then the token the uniform lands on), found with a
+ * mass histogram over the probabilities' float bits and three-way partitioning of the one
+ * bin the edge falls in, in expected linear time. Never allocates per call, never prints,
+ * never reads global state: a draw is a pure function of its inputs.
  */
 #include "sampler.h"
+
+#include "draw.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -23,70 +28,16 @@ struct sampler_cand {
  * 1.125. Probabilities are <= 1, whose bits >> 20 is 0x3f8. */
 #define SAMPLER_BINS 1024
 #define SAMPLER_LANES 4 /* interleaved histograms: consecutive adds to one bin do not chain */
-/* Probabilities are summed per block of this many, so a draw finds its block first. */
-#define SAMPLER_BLOCK 256
-/* Top-p first looks for the nucleus among the 64 most probable tokens (where a trained model's
- * usually lies), and only then histograms the whole vocabulary. (A second probe of 2048 was
- * tried: its heap costs more than the histogram it would save.) */
-#define SAMPLER_PROBE 64
 
 struct sampler {
     int n_vocab;
     struct sampler_cand *cand; /* (n_vocab) */
     float *prob;               /* (n_vocab) probabilities, or the top-k heap */
-    double *block_sum;         /* (n_vocab / SAMPLER_BLOCK rounded up) */
     double *hist;              /* (SAMPLER_LANES, SAMPLER_BINS) */
-    float *heap;               /* (SAMPLER_PROBE) */
 };
 
 /* Below this many candidates a plain sort beats further partitioning. */
 #define SAMPLER_SMALL 32
-
-static uint64_t sampler_splitmix64(uint64_t *x)
-{
-    uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-void sampler_rng_seed(struct sampler_rng *r, uint64_t seed, uint64_t stream)
-{
-    /* Mix the stream through its own splitmix output so that (seed, stream) and
-     * (seed + 1, stream - 1) and the like land far apart. */
-    uint64_t x = stream;
-    uint64_t x2 = seed ^ sampler_splitmix64(&x);
-    for (int i = 0; i < 4; i++)
-        r->s[i] = sampler_splitmix64(&x2);
-    /* xoshiro's one bad state is all zeros; splitmix64 cannot give four zeros in a row, but
-     * keep the guarantee explicit. */
-    if (!(r->s[0] | r->s[1] | r->s[2] | r->s[3]))
-        r->s[0] = 1;
-}
-
-static uint64_t sampler_rotl(uint64_t x, int k)
-{
-    return (x << k) | (x >> (64 - k));
-}
-
-uint64_t sampler_rng_next(struct sampler_rng *r)
-{
-    uint64_t *s = r->s;
-    uint64_t result = sampler_rotl(s[1] * 5, 7) * 9;
-    uint64_t t = s[1] << 17;
-    s[2] ^= s[0];
-    s[3] ^= s[1];
-    s[1] ^= s[2];
-    s[0] ^= s[3];
-    s[2] ^= t;
-    s[3] = sampler_rotl(s[3], 45);
-    return result;
-}
-
-double sampler_rng_uniform(struct sampler_rng *r)
-{
-    return (double)(sampler_rng_next(r) >> 11) * 0x1.0p-53;
-}
 
 int sampler_check_params(const struct sampler_params *p, char *err, size_t err_len)
 {
@@ -107,38 +58,16 @@ int sampler_check_params(const struct sampler_params *p, char *err, size_t err_l
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* vector kernels: AVX2 + FMA where the build targets it (x86-64-v3), plain C otherwise. The
- * same element always takes the same path, so results never depend on anything but input. */
+/* vector kernels: AVX2 + FMA where the build targets it (x86-64-v3), plain C otherwise. Both
+ * give every probability bitwise as draw_prob does (the device sampler computes it too). */
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define SAMPLER_AVX2 1
 #endif
 
-/* exp(x) for x <= 0 by Cody-Waite reduction and a degree-6 polynomial (about 2 ulp); 0 below
- * -87.3 (where float underflows) and for NaN. */
-static float sampler_exp_neg(float x)
-{
-    if (!(x >= -87.3f))
-        return 0.0f;
-    float n = nearbyintf(x * 1.44269504f);
-    float r = fmaf(n, -0.693359375f, x);
-    r = fmaf(n, 2.12194440e-4f, r);
-    float p = 1.9875691500e-4f;
-    p = fmaf(p, r, 1.3981999507e-3f);
-    p = fmaf(p, r, 8.3334519073e-3f);
-    p = fmaf(p, r, 4.1665795894e-2f);
-    p = fmaf(p, r, 1.6666665459e-1f);
-    p = fmaf(p, r, 5.0000001201e-1f);
-    float y = fmaf(p * r, r, r) + 1.0f;
-    union {
-        uint32_t u;
-        float f;
-    } sc = {.u = (uint32_t)((int32_t)n + 127) << 23};
-    return y * sc.f;
-}
-
 #ifdef SAMPLER_AVX2
+/* draw_exp_neg (draw.h) on 8 lanes, operation for operation. */
 static __m256 sampler_exp_neg8(__m256 x)
 {
     __m256 ok = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
@@ -179,35 +108,29 @@ static float sampler_max(const float *l, int n)
     return m;
 }
 
-/* prob[i] = exp((l[i] - m) * inv_t), 0 for NaN and -inf; block_sum[b] = the sum over block b.
- * Returns the total. */
-static double sampler_exp_pass(const float *l, int n, float m, float inv_t, float *prob,
-                               double *block_sum)
+/* prob[i] = exp((l[i] - m) * inv_t), 0 for NaN and -inf. Returns the total. Both paths give
+ * every element bitwise the same value (the same float operations in the same order). */
+static double sampler_exp_pass(const float *l, int n, float m, float inv_t, float *prob)
 {
     double total = 0;
-    for (int b0 = 0, b = 0; b0 < n; b0 += SAMPLER_BLOCK, b++) {
-        int b1 = b0 + SAMPLER_BLOCK < n ? b0 + SAMPLER_BLOCK : n;
-        int i = b0;
-        float sum = 0;
+    int i = 0;
 #ifdef SAMPLER_AVX2
-        __m256 vsum = _mm256_setzero_ps(), vm = _mm256_set1_ps(m), vt = _mm256_set1_ps(inv_t);
-        for (; i + 8 <= b1; i += 8) {
-            __m256 x = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(l + i), vm), vt);
-            __m256 p = sampler_exp_neg8(x);
-            _mm256_storeu_ps(prob + i, p);
-            vsum = _mm256_add_ps(vsum, p);
-        }
-        float lane[8];
-        _mm256_storeu_ps(lane, vsum);
-        for (int k = 0; k < 8; k++)
-            sum += lane[k];
+    __m256 vm = _mm256_set1_ps(m), vt = _mm256_set1_ps(inv_t);
+    __m256d acc = _mm256_setzero_pd();
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(l + i), vm), vt);
+        __m256 p = sampler_exp_neg8(x);
+        _mm256_storeu_ps(prob + i, p);
+        acc = _mm256_add_pd(acc, _mm256_cvtps_pd(_mm256_castps256_ps128(p)));
+        acc = _mm256_add_pd(acc, _mm256_cvtps_pd(_mm256_extractf128_ps(p, 1)));
+    }
+    double lane[4];
+    _mm256_storeu_pd(lane, acc);
+    total = (lane[0] + lane[1]) + (lane[2] + lane[3]);
 #endif
-        for (; i < b1; i++) {
-            prob[i] = sampler_exp_neg((l[i] - m) * inv_t);
-            sum += prob[i];
-        }
-        block_sum[b] = sum;
-        total += sum;
+    for (; i < n; i++) {
+        prob[i] = draw_prob(l[i], m, inv_t);
+        total += prob[i];
     }
     return total;
 }
@@ -246,10 +169,8 @@ int sampler_new(int n_vocab, struct sampler **out, char *err, size_t err_len)
     s->n_vocab = n_vocab;
     s->cand = malloc((size_t)n_vocab * sizeof *s->cand);
     s->prob = malloc((size_t)n_vocab * sizeof *s->prob);
-    s->block_sum = malloc((size_t)(n_vocab / SAMPLER_BLOCK + 1) * sizeof *s->block_sum);
     s->hist = malloc(SAMPLER_LANES * SAMPLER_BINS * sizeof *s->hist);
-    s->heap = malloc(SAMPLER_PROBE * sizeof *s->heap);
-    if (!s->cand || !s->prob || !s->block_sum || !s->hist || !s->heap)
+    if (!s->cand || !s->prob || !s->hist)
         goto fail;
     *out = s;
     return 0;
@@ -265,9 +186,7 @@ void sampler_destroy(struct sampler **s)
         return;
     free((*s)->cand);
     free((*s)->prob);
-    free((*s)->block_sum);
     free((*s)->hist);
-    free((*s)->heap);
     free(*s);
     *s = NULL;
 }
@@ -328,12 +247,21 @@ static void sampler_partition(struct sampler_cand *c, int lo, int hi, float pivo
     *eq_end = lt;
 }
 
-/* Among c[lo, n), all less probable than anything in c[0, lo) (whose mass is `kept`), moves
- * the rest of the nucleus to c[lo, ...) and returns the nucleus size: the fewest most-probable
- * candidates whose mass reaches `target` (Hugging Face's TopPLogitsWarper drops a token when
- * the mass of those strictly more probable than it already reaches top_p), at least one. Ties
- * at the edge go to the lower id. */
-static int sampler_nucleus(struct sampler_cand *c, int lo, int n, double kept, double target)
+/* Whether a cumulative mass `acc` has reached `target`: >= for the top-p nucleus (the
+ * shortest prefix whose mass reaches top_p), > for the draw (the first token whose cumulative
+ * mass exceeds u x K). */
+static int sampler_reached(double acc, double target, int strict)
+{
+    return strict ? acc > target : acc >= target;
+}
+
+/* Among c[lo, n), all after c[0, lo) in the order (descending p, then ascending id) and with
+ * c[0, lo) holding mass `kept`: moves the shortest prefix of c[0, n) in that order whose mass
+ * reaches `target` (see sampler_reached) to c[0, ret), its last element in the order at
+ * c[ret - 1], and returns ret. Returns -1 when all of c[0, n) falls short (only rounding can
+ * do that; c is then permuted). */
+static int sampler_prefix(struct sampler_cand *c, int lo, int n, double kept, double target,
+                          int strict)
 {
     int hi = n;
     while (hi - lo > SAMPLER_SMALL) {
@@ -343,23 +271,23 @@ static int sampler_nucleus(struct sampler_cand *c, int lo, int n, double kept, d
         double g = 0;
         for (int i = lo; i < gt; i++)
             g += c[i].v;
-        if (kept + g >= target) {
+        if (sampler_reached(kept + g, target, strict)) {
             hi = gt;
             continue;
         }
         double e = 0;
         for (int i = gt; i < eq; i++)
             e += c[i].v;
-        if (kept + g + e >= target) {
-            /* The edge lies among equal values: take them in id order until it is reached. */
+        if (sampler_reached(kept + g + e, target, strict)) {
+            /* The edge lies among equal values: they follow one another in id order. */
             kept += g;
             qsort(c + gt, (size_t)(eq - gt), sizeof *c, sampler_cmp_id);
             for (int i = gt; i < eq; i++) {
                 kept += c[i].v;
-                if (kept >= target)
+                if (sampler_reached(kept, target, strict))
                     return i + 1;
             }
-            return eq;
+            return eq; /* rounding between the group's sum and the running one */
         }
         kept += g + e;
         lo = eq;
@@ -367,11 +295,12 @@ static int sampler_nucleus(struct sampler_cand *c, int lo, int n, double kept, d
     qsort(c + lo, (size_t)(hi - lo), sizeof *c, sampler_cmp_desc);
     for (int i = lo; i < hi; i++) {
         kept += c[i].v;
-        if (kept >= target)
+        if (sampler_reached(kept, target, strict))
             return i + 1;
     }
-    /* Only rounding gets here (the sums run in another order than the target's). */
-    return hi > 0 ? hi : 1;
+    /* Short: after a narrowing (hi < n) only by rounding, and then the whole narrowed group
+     * (whose last in order is c[hi - 1], sorted above) is the prefix. */
+    return hi < n ? hi : -1;
 }
 
 static void sampler_sift_down(float *h, int k, int i)
@@ -411,27 +340,20 @@ static float sampler_kth_largest(const float *l, int n, int k, float *heap)
     return heap[0];
 }
 
-/* Draws an index of c[0, m) with probability c[i].v / total. */
-static int32_t sampler_walk(const struct sampler_cand *c, int m, double total,
-                            struct sampler_rng *rng)
+/* The last element of c[0, n) in the order that has a positive probability (the draw's
+ * answer when rounding left u x K at or past the cumulative total); c[0].id when none has. */
+static int32_t sampler_last_positive(const struct sampler_cand *c, int n)
 {
-    double u = sampler_rng_uniform(rng) * total;
-    double acc = 0;
-    for (int i = 0; i < m; i++) {
-        acc += c[i].v;
-        if (u < acc)
-            return c[i].id;
-    }
-    for (int i = m - 1; i > 0; i--) /* u fell past the rounded total */
-        if (c[i].v > 0)
-            return c[i].id;
-    return c[0].id;
+    int best = -1;
+    for (int i = 0; i < n; i++)
+        if (c[i].v > 0 && (best < 0 || c[i].v < c[best].v ||
+                           (c[i].v == c[best].v && c[i].id > c[best].id)))
+            best = i;
+    return c[best < 0 ? 0 : best].id;
 }
 
-/* Top-p over the whole vocabulary, whose probabilities s->prob hold (total `total`): a mass
- * histogram finds the bin the nucleus edge falls in; everything more probable is kept
- * outright and only that bin is partitioned. Leaves the nucleus in s->cand[0, return). */
-static int sampler_top_p_full(struct sampler *s, double total, double top_p, double *kept_out)
+/* Fills s->hist with the probability mass of s->prob per bin. */
+static void sampler_histogram(struct sampler *s)
 {
     int n = s->n_vocab;
     const float *p = s->prob;
@@ -451,88 +373,72 @@ static int sampler_top_p_full(struct sampler *s, double total, double top_p, dou
         bits.f = p[i];
         h[bits.u >> 20] += p[i];
     }
-    double target = top_p * total, above = 0;
-    int edge = 0;
-    for (int b = SAMPLER_BINS - 1; b > 0; b--) {
-        double mass = 0;
-        for (int k = 0; k < SAMPLER_LANES; k++)
-            mass += h[k * SAMPLER_BINS + b];
-        if (above + mass >= target) {
-            edge = b;
-            break;
-        }
-        above += mass;
-    }
-    /* One branch-free pass gathers the bins above the edge (all kept) at the front and the
-     * edge bin's tokens at the back, which then move up behind the first group. */
-    struct sampler_cand *c = s->cand;
-    int n_above = 0, n_edge = 0;
-    uint32_t lo_bits = (uint32_t)edge << 20, hi_bits = (uint32_t)(edge + 1) << 20;
-    for (i = 0; i < n; i++) {
-        bits.f = p[i];
-        c[n_above].v = p[i];
-        c[n_above].id = i;
-        int is_above = bits.u >= hi_bits;
-        n_above += is_above;
-        struct sampler_cand *back = &c[n - 1 - n_edge];
-        if (back >= &c[n_above]) {
-            back->v = p[i];
-            back->id = i;
-        }
-        n_edge += !is_above && bits.u >= lo_bits;
-    }
-    /* The back group was written in descending position; restore ascending id order there so
-     * that ties resolve as everywhere else. */
-    for (int a = 0; a < n_edge; a++)
-        c[n_above + a] = c[n - 1 - a];
-    int m = n_above + n_edge;
-    if (m == 0) { /* only rounding: keep the most probable token */
-        c[0].v = 1.0f;
-        c[0].id = sampler_argmax(p, n);
-        *kept_out = 1.0;
-        return 1;
-    }
-    int k = sampler_nucleus(c, n_above, m, above, target);
-    double kept = 0;
-    for (int j = 0; j < k; j++)
-        kept += c[j].v;
-    *kept_out = kept;
-    return k;
 }
 
-/* The fast path of top-p: when the `probe` most probable tokens already hold top_p of the
- * mass, the nucleus is among them. Returns its size with it in s->cand[0, size), or -1 when
- * the probe falls short. */
-static int sampler_top_p_probe(struct sampler *s, int probe, double total, double top_p,
-                               double *kept_out)
+/* Over the whole vocabulary (probabilities in s->prob, their histogram in s->hist): the last
+ * element in the order of the shortest prefix whose mass reaches `target`. The histogram
+ * finds the bin the edge falls in; everything in higher bins lies before it, and only that
+ * bin's tokens are gathered (into s->cand, in id order) and partitioned. Returns the element
+ * in *edge with *mass the prefix's mass, or -1 when the whole vocabulary falls short (only
+ * rounding can do that). */
+static int sampler_search(struct sampler *s, double target, int strict,
+                          struct sampler_cand *edge, double *mass)
 {
-    int n = s->n_vocab;
-    const float *p = s->prob;
-    int k = n < probe ? n : probe;
-    float thr = sampler_kth_largest(p, n, k, s->heap);
-    struct sampler_cand *c = s->cand;
-    int m = 0;
-    double mass = 0;
-    for (int i = 0; i < n; i++)
-        if (p[i] >= thr && p[i] > 0) {
-            c[m].v = p[i];
-            c[m].id = i;
-            mass += p[i];
-            m++;
+    const double *h = s->hist;
+    double above = 0;
+    int bin = -1;
+    for (int b = SAMPLER_BINS - 1; b >= 0; b--) {
+        double m = 0;
+        for (int k = 0; k < SAMPLER_LANES; k++)
+            m += h[k * SAMPLER_BINS + b];
+        if (sampler_reached(above + m, target, strict)) {
+            bin = b;
+            break;
         }
-    double target = top_p * total;
-    if (m == 0 || mass < target)
+        above += m;
+    }
+    if (bin < 0)
         return -1;
-    int kept_n = sampler_nucleus(c, 0, m, 0.0, target);
-    double kept = 0;
-    for (int j = 0; j < kept_n; j++)
-        kept += c[j].v;
-    *kept_out = kept;
-    return kept_n;
+    int n = s->n_vocab, n_bin = 0;
+    const float *p = s->prob;
+    struct sampler_cand *c = s->cand;
+    union {
+        float f;
+        uint32_t u;
+    } bits;
+    for (int i = 0; i < n; i++) {
+        bits.f = p[i];
+        /* branch-free: every token is written, only the bin's advance */
+        c[n_bin].v = p[i];
+        c[n_bin].id = i;
+        n_bin += (int)(bits.u >> 20) == bin;
+    }
+    int k = sampler_prefix(c, 0, n_bin, above, target, strict);
+    if (k > 0) {
+        *edge = c[k - 1];
+        double m = above;
+        for (int i = 0; i < k; i++)
+            m += c[i].v;
+        *mass = m;
+    } else { /* rounding between the bin's histogram sum and the running one: the whole bin */
+        edge->id = sampler_last_positive(c, n_bin);
+        edge->v = p[edge->id];
+        double m = above;
+        for (int i = 0; i < n_bin; i++)
+            m += c[i].v;
+        *mass = m;
+    }
+    return 0;
+}
+
+/* Whether candidate a comes after b in the order. */
+static int sampler_after(const struct sampler_cand *a, const struct sampler_cand *b)
+{
+    return a->v < b->v || (a->v == b->v && a->id > b->id);
 }
 
 int sampler_sample(struct sampler *s, const float *logits, const struct sampler_params *p,
-                   struct sampler_rng *rng, int32_t *token, char *err, size_t err_len)
+                   const struct sampler_key *key, int32_t *token, char *err, size_t err_len)
 {
     int n = s->n_vocab;
     if (p->temperature == 0 || p->top_k == 1) {
@@ -542,82 +448,60 @@ int sampler_sample(struct sampler *s, const float *logits, const struct sampler_
         *token = best;
         return 0;
     }
-    float inv_t = 1.0f / p->temperature;
-
-    if (p->top_k > 0) {
-        /* top-k: the k largest (ties at the edge kept) become the candidates */
-        float thr = sampler_kth_largest(logits, n, p->top_k, s->prob);
-        struct sampler_cand *c = s->cand;
-        int m = 0;
-        float max_v = -INFINITY;
-        for (int i = 0; i < n; i++)
-            if (logits[i] >= thr && logits[i] > -INFINITY) {
-                c[m].v = logits[i];
-                c[m].id = i;
-                max_v = logits[i] > max_v ? logits[i] : max_v;
-                m++;
-            }
-        if (m == 0 || !isfinite(max_v))
-            goto no_finite;
-        double total = 0;
-        for (int i = 0; i < m; i++) {
-            c[i].v = sampler_exp_neg((c[i].v - max_v) * inv_t);
-            total += c[i].v;
-        }
-        if (p->top_p < 1) {
-            m = sampler_nucleus(c, 0, m, 0.0, p->top_p * total);
-            total = 0;
-            for (int i = 0; i < m; i++)
-                total += c[i].v;
-        }
-        *token = sampler_walk(c, m, total, rng);
-        return 0;
-    }
-
     float max_v = sampler_max(logits, n);
     if (!isfinite(max_v))
         goto no_finite;
-    double total = sampler_exp_pass(logits, n, max_v, inv_t, s->prob, s->block_sum);
-    if (p->top_p < 1) {
-        double kept;
-        int m = sampler_top_p_probe(s, SAMPLER_PROBE, total, p->top_p, &kept);
-        if (m < 0)
-            m = sampler_top_p_full(s, total, p->top_p, &kept);
-        *token = sampler_walk(s->cand, m, kept, rng);
+    float inv_t = 1.0f / p->temperature;
+    double u = draw_uniform(key->seed, key->stream, key->step);
+
+    if (p->top_k > 0) {
+        /* top-k: the k largest (ties at the edge kept) become the candidates, in id order */
+        float thr = sampler_kth_largest(logits, n, p->top_k, s->prob);
+        struct sampler_cand *c = s->cand;
+        int m = 0;
+        double total = 0;
+        for (int i = 0; i < n; i++)
+            if (logits[i] >= thr && logits[i] > -INFINITY) {
+                c[m].v = draw_prob(logits[i], max_v, inv_t);
+                c[m].id = i;
+                total += c[m].v;
+                m++;
+            }
+        if (p->top_p < 1) {
+            int k = sampler_prefix(c, 0, m, 0.0, (double)p->top_p * total, 0);
+            if (k > 0)
+                m = k;
+        }
+        double kept = 0;
+        for (int i = 0; i < m; i++)
+            kept += c[i].v;
+        int k = sampler_prefix(c, 0, m, 0.0, u * kept, 1);
+        *token = k > 0 ? c[k - 1].id : sampler_last_positive(c, m);
         return 0;
     }
-    /* Plain temperature: find the block the draw lands in, then the token inside it. */
-    double u = sampler_rng_uniform(rng) * total, acc = 0;
-    int n_blocks = (n + SAMPLER_BLOCK - 1) / SAMPLER_BLOCK, b = 0;
-    for (; b < n_blocks - 1; b++) {
-        if (u < acc + s->block_sum[b])
-            break;
-        acc += s->block_sum[b];
+
+    double total = sampler_exp_pass(logits, n, max_v, inv_t, s->prob);
+    sampler_histogram(s);
+    double kept = total;
+    struct sampler_cand nucleus_edge = {.v = 0.0f, .id = INT32_MAX}, pick;
+    if (p->top_p < 1 &&
+        sampler_search(s, (double)p->top_p * total, 0, &nucleus_edge, &kept) != 0) {
+        kept = total; /* rounding: the nucleus is everything */
+        nucleus_edge = (struct sampler_cand){.v = 0.0f, .id = INT32_MAX};
     }
-    for (;;) {
-        int b0 = b * SAMPLER_BLOCK, b1 = b0 + SAMPLER_BLOCK < n ? b0 + SAMPLER_BLOCK : n;
-        int last = -1;
-        for (int i = b0; i < b1; i++) {
-            if (s->prob[i] > 0)
-                last = i;
-            acc += s->prob[i];
-            if (u < acc && s->prob[i] > 0) {
-                *token = i;
-                return 0;
-            }
+    double unused;
+    if (sampler_search(s, u * kept, 1, &pick, &unused) != 0) {
+        /* rounding: the last token with any mass */
+        for (int i = 0; i < n; i++) {
+            s->cand[i].v = s->prob[i];
+            s->cand[i].id = i;
         }
-        /* Rounding between the block's float sum and this walk: the block's last token, or
-         * failing that the nearest block before with any mass. */
-        if (last >= 0) {
-            *token = last;
-            return 0;
-        }
-        if (b == 0)
-            break;
-        b--;
-        acc = -INFINITY;
+        pick.id = sampler_last_positive(s->cand, n);
+        pick.v = s->prob[pick.id];
     }
-    *token = sampler_argmax(logits, n);
+    /* The draw's prefix and the nucleus were summed in different orders: never step past the
+     * nucleus's edge by rounding. */
+    *token = sampler_after(&pick, &nucleus_edge) ? nucleus_edge.id : pick.id;
     return 0;
 
 no_finite:
