@@ -221,10 +221,10 @@ $(OBJ)/%.cu.o: %.cu
 	@mkdir -p $(@D)
 	@$(if $(filter 1,$(V)),,echo "  NVCC    $<")
 	$(Q)$(NVCC) $(NVCC_FLAGS) -MMD -MP -c $< -o $@
-$(LIB)/libits_cuda.so: $(patsubst %.cu,$(OBJ)/%.cu.o,$(CUDA_SRCS)) $(OBJ)/workers/fwd_check.o
+$(LIB)/libits_cuda.so: $(patsubst %.cu,$(OBJ)/%.cu.o,$(CUDA_SRCS)) $(OBJ)/workers/fwd_check.o $(OBJ)/workers/rope.o kernels/plugin.map
 	@mkdir -p $(@D)
 	@$(if $(filter 1,$(V)),,echo "  LD      $@")
-	$(Q)$(NVCC) -shared -o $@ $^ -Xlinker --no-undefined -L$(CUDA_HOME)/lib64 -lcublas -lcublasLt -lcudart_static -ldl -lrt -lpthread
+	$(Q)$(NVCC) -shared -o $@ $(filter-out %.map,$^) -Xlinker --no-undefined -Xlinker --version-script=kernels/plugin.map -L$(CUDA_HOME)/lib64 -lcublas -lcublasLt -lcudart_static -ldl -lrt -lpthread
 
 # -- tests ------------------------------------------------------------------------------------
 # One Criterion binary holds the whole suite (one summary line); build/tests/test_X holds one

@@ -25,6 +25,7 @@
 #include "fwd_check.h"
 #include "gemm.h"
 #include "kcheck.h"
+#include "rope.h"
 #include "ops.h"
 #include "sample.h"
 
@@ -78,7 +79,7 @@ struct cuda_backend {
     __nv_bfloat16 *lm_head; /* (vocab, dim); == embed when tied */
     float *final_norm;      /* (dim) */
     struct cuda_layer *layers; /* host array of n_layers device-pointer sets */
-    float *inv_freq;        /* (head_dim / 2) device, from kops_rope_inv_freq */
+    float *inv_freq;        /* (head_dim / 2) device, from rope_inv_freq */
 
     /* KV pool */
     __nv_bfloat16 *kv;
@@ -624,7 +625,7 @@ int cuda_backend_open(const struct model_config *cfg, const struct model_weights
             snprintf(err, err_len, "cuda backend: out of host memory");
             goto fail;
         }
-        kops_rope_inv_freq(cfg, inv);
+        rope_inv_freq(cfg, inv);
         cudaError_t rc = cudaMalloc((void **)&be->inv_freq, sizeof(float) * (cfg->head_dim / 2));
         if (rc == cudaSuccess)
             rc = cudaMemcpy(be->inv_freq, inv, sizeof(float) * (cfg->head_dim / 2),

@@ -17,6 +17,7 @@
 #include "attention.h"
 #include "gemm.h"
 #include "kcheck.h"
+#include "rope.h"
 #include "kst.h"
 
 #define KOPS_THREADS 256
@@ -331,31 +332,6 @@ void kops_row_dot(const __nv_bfloat16 *x, int n_rows, int dim, const __nv_bfloat
 
 /* ---- host ------------------------------------------------------------------------------------ */
 
-/* A line-for-line copy of cpu_rope_init (workers/backend_cpu.c): same float operations in the
- * same order, so the frequencies are bit-identical. Change both or neither. */
-void kops_rope_inv_freq(const struct model_config *c, float *inv_freq)
-{
-    int half = c->head_dim / 2;
-    for (int i = 0; i < half; i++) {
-        float expo = (float)(2 * i) / (float)c->head_dim;
-        float f = 1.0f / powf(c->rope_theta, expo);
-        if (c->rope_kind == ROPE_LLAMA3) {
-            float orig = (float)c->rope_original_max_pos;
-            float low_wavelen = orig / c->rope_low_freq_factor;
-            float high_wavelen = orig / c->rope_high_freq_factor;
-            float wavelen = 2.0f * (float)M_PI / f;
-            if (wavelen > low_wavelen) {
-                f = f / c->rope_factor;
-            } else if (!(wavelen < high_wavelen)) {
-                float smooth = (orig / wavelen - c->rope_low_freq_factor) /
-                               (c->rope_high_freq_factor - c->rope_low_freq_factor);
-                f = (1.0f - smooth) * f / c->rope_factor + smooth * f;
-            }
-        }
-        inv_freq[i] = f;
-    }
-}
-
 /* ============================================================================================ */
 /* self-tests                                                                                    */
 
@@ -541,7 +517,7 @@ static void kst_rope_case(struct kst *t, cudaStream_t s, int n_heads, int n_kv, 
     struct kops_kv_dst dst;
     size_t stray = 0;
 
-    kops_rope_inv_freq(&c, inv);
+    rope_inv_freq(&c, inv);
     kst_fill_uniform(t, h_in, (size_t)n_tok * row, -1.0f, 1.0f);
     kst_to_bf16(h_in, (size_t)n_tok * row, h_in16);
     kst_fill_uniform(t, r, (size_t)n_tok, 0.0f, 131072.0f);

@@ -75,11 +75,6 @@ void kops_fill_f32(float *dst, size_t n, unsigned long long seed, unsigned long 
 void kops_row_dot(const __nv_bfloat16 *x, int n_rows, int dim, const __nv_bfloat16 *w_row,
                   float *out, cudaStream_t stream);
 
-/* Host: RoPE inverse frequencies (head_dim/2 floats), computed exactly as the CPU backend's
- * cpu_rope_init (transformers' float32 formula with the Llama 3.1 scaling), so both backends
- * rotate by bit-identical frequencies. */
-void kops_rope_inv_freq(const struct model_config *c, float *inv_freq);
-
 /* ---- for the self-test suites (kst.h) of ops.cu and gemm.cu --------------------------------- */
 struct kst;
 /* Records a failed check "file:line: call: reason" when rc is an error; returns 0 or -1. */

@@ -23,6 +23,7 @@
 #include "checkpoint.h"
 #include "cpu_matmul.h"
 #include "cpu_pool.h"
+#include "rope.h"
 #include "fwd_check.h"
 
 #define CPU_BLOCK BACKEND_BLOCK_TOKENS
@@ -100,32 +101,6 @@ static void *cpu_calloc(size_t a, size_t b, size_t elem, const char *what, char 
 }
 
 /* ---- open-time setup ------------------------------------------------------------------- */
-
-/* inv_freq as transformers computes it in float32, with the Llama 3.1 scaling of
- * _compute_llama3_parameters: long wavelengths divided by `factor`, short ones kept, the band
- * between blended linearly in original_max_pos / wavelen. */
-static void cpu_rope_init(const struct model_config *c, float *inv_freq)
-{
-    int half = c->head_dim / 2;
-    for (int i = 0; i < half; i++) {
-        float expo = (float)(2 * i) / (float)c->head_dim;
-        float f = 1.0f / powf(c->rope_theta, expo);
-        if (c->rope_kind == ROPE_LLAMA3) {
-            float orig = (float)c->rope_original_max_pos;
-            float low_wavelen = orig / c->rope_low_freq_factor;
-            float high_wavelen = orig / c->rope_high_freq_factor;
-            float wavelen = 2.0f * (float)M_PI / f;
-            if (wavelen > low_wavelen) {
-                f = f / c->rope_factor;
-            } else if (!(wavelen < high_wavelen)) {
-                float smooth = (orig / wavelen - c->rope_low_freq_factor) /
-                               (c->rope_high_freq_factor - c->rope_low_freq_factor);
-                f = (1.0f - smooth) * f / c->rope_factor + smooth * f;
-            }
-        }
-        inv_freq[i] = f;
-    }
-}
 
 /* ---- open / destroy ------------------------------------------------------------------- */
 
@@ -311,7 +286,7 @@ int backend_cpu_open(const struct checkpoint *ck, const struct backend_params *p
     }
     cpu_to_f32(w->final_norm.data, w->final_norm.dtype, 0,
                be->norms + (size_t)(2 * c->n_layers) * dim, c->dim);
-    cpu_rope_init(c, be->inv_freq);
+    rope_inv_freq(c, be->inv_freq);
 
     *out = &be->base;
     return 0;
