@@ -26,6 +26,7 @@
 #include <unistd.h>
 #include <zmq.h>
 
+#include "keyfile.h"
 #include "proto.h"
 
 #define ITS_ERRSTR_MAX 1200
@@ -1139,117 +1140,6 @@ int its_client_new_ctx(void *zmq_ctx, const char *endpoint, its_client_t **out, 
 
 /* ---- keys ------------------------------------------------------------------------------------ */
 
-#define ITS_KEY_FILE_MAX 4096 /* a key file is two short lines and comments */
-
-/* Decodes Z85 text of exactly ITS_KEY_Z85_LEN characters. Returns 0 or -1. */
-static int its_z85_key(const char *text, uint8_t out[32])
-{
-    if (!text || strlen(text) != ITS_KEY_Z85_LEN)
-        return -1;
-    return zmq_z85_decode(out, text) ? 0 : -1;
-}
-
-static char *its_trim(char *s)
-{
-    while (*s == ' ' || *s == '\t')
-        s++;
-    size_t n = strlen(s);
-    while (n > 0 && (s[n - 1] == ' ' || s[n - 1] == '\t' || s[n - 1] == '\r'))
-        s[--n] = '\0';
-    return s;
-}
-
-/* Reads `path` as its_key_load describes, into binary keys. */
-static int its_key_read(const char *path, uint8_t pub[32], uint8_t *sec, char *err,
-                        size_t err_len)
-{
-    if (!path || !*path) {
-        snprintf(err, err_len, "key file: empty path");
-        return ITS_ERR_INVALID;
-    }
-    FILE *f = fopen(path, "r");
-    if (!f) {
-        snprintf(err, err_len, "%s: cannot open: %s", path, strerror(errno));
-        return ITS_ERR_INVALID;
-    }
-    char text[ITS_KEY_FILE_MAX + 1];
-    size_t len = fread(text, 1, sizeof text, f);
-    bool bad_read = ferror(f) != 0;
-    fclose(f);
-    if (bad_read || len > ITS_KEY_FILE_MAX || memchr(text, '\0', len)) {
-        snprintf(err, err_len, "%s: %s", path,
-                 bad_read ? "read error" : "not a key file (too large or binary)");
-        return ITS_ERR_INVALID;
-    }
-    text[len] = '\0';
-    bool has_pub = false, has_sec = false;
-    uint8_t p[32], k[32];
-    int lineno = 0;
-    for (char *line = text, *next; line; line = next) {
-        next = strchr(line, '\n');
-        if (next)
-            *next++ = '\0';
-        lineno++;
-        char *t = its_trim(line);
-        if (!*t || *t == '#')
-            continue;
-        const char *what = "public-key";
-        char *value = t;
-        char *eq = strchr(t, '=');
-        if (eq) {
-            *eq = '\0';
-            what = its_trim(t);
-            value = its_trim(eq + 1);
-            if (strcmp(what, "public-key") != 0 && strcmp(what, "secret-key") != 0) {
-                snprintf(err, err_len, "%s:%d: unknown key '%.40s' (public-key, secret-key)",
-                         path, lineno, what);
-                return ITS_ERR_INVALID;
-            }
-        }
-        bool is_sec = strcmp(what, "secret-key") == 0;
-        if (is_sec ? has_sec : has_pub) {
-            snprintf(err, err_len, "%s:%d: a second %s", path, lineno, what);
-            return ITS_ERR_INVALID;
-        }
-        if (its_z85_key(value, is_sec ? k : p) != 0) {
-            snprintf(err, err_len, "%s:%d: %s is not %d characters of Z85 text", path, lineno,
-                     what, ITS_KEY_Z85_LEN);
-            return ITS_ERR_INVALID;
-        }
-        *(is_sec ? &has_sec : &has_pub) = true;
-    }
-    if (!sec) {
-        if (!has_pub) {
-            snprintf(err, err_len, "%s: no public key in the file", path);
-            return ITS_ERR_INVALID;
-        }
-        memcpy(pub, p, 32);
-        return 0;
-    }
-    if (!has_sec) {
-        snprintf(err, err_len, "%s: no secret-key line (a key pair file from itsctl keygen is "
-                 "needed here, not a .pub file)", path);
-        return ITS_ERR_INVALID;
-    }
-    char k85[ITS_KEY_Z85_LEN + 1], p85[ITS_KEY_Z85_LEN + 1];
-    uint8_t derived[32];
-    if (!zmq_z85_encode(k85, k, 32) || zmq_curve_public(p85, k85) != 0 ||
-        !zmq_z85_decode(derived, p85)) {
-        snprintf(err, err_len, "%s: cannot derive the public key: %s", path,
-                 zmq_strerror(errno));
-        return ITS_ERR_INVALID;
-    }
-    memset(k85, 0, sizeof k85);
-    if (has_pub && memcmp(derived, p, 32) != 0) {
-        snprintf(err, err_len, "%s: public-key does not belong to secret-key", path);
-        return ITS_ERR_INVALID;
-    }
-    memcpy(pub, derived, 32);
-    memcpy(sec, k, 32);
-    memset(k, 0, sizeof k);
-    return 0;
-}
-
 int its_key_load(const char *path, char *public_z85, char *secret_z85, char *err,
                  size_t err_len)
 {
@@ -1264,13 +1154,12 @@ int its_key_load(const char *path, char *public_z85, char *secret_z85, char *err
         return ITS_ERR_INVALID;
     }
     uint8_t pub[32], sec[32];
-    int rc = its_key_read(path, pub, secret_z85 ? sec : NULL, err, err_len);
-    if (rc != 0)
-        return rc;
+    if (keyfile_read(path, pub, secret_z85 ? sec : NULL, err, err_len) != 0)
+        return ITS_ERR_INVALID;
     zmq_z85_encode(public_z85, pub, 32);
     if (secret_z85)
         zmq_z85_encode(secret_z85, sec, 32);
-    memset(sec, 0, sizeof sec);
+    explicit_bzero(sec, sizeof sec);
     return 0;
 }
 
@@ -1374,12 +1263,13 @@ static int its_opt_public(const char *z85, const char *file, const char *label, 
     }
     if (file) {
         char why[600];
-        int rc = its_key_read(file, out, NULL, why, sizeof why);
-        if (rc != 0)
+        if (keyfile_read(file, out, NULL, why, sizeof why) != 0) {
             snprintf(err, err_len, "%s file %s", label, why);
-        return rc;
+            return ITS_ERR_INVALID;
+        }
+        return 0;
     }
-    if (its_z85_key(z85, out) != 0) {
+    if (!z85 || keyfile_z85_decode(z85, strlen(z85), out) != 0) {
         snprintf(err, err_len, "%s: not %d characters of Z85 text", label, ITS_KEY_Z85_LEN);
         return ITS_ERR_INVALID;
     }
@@ -1414,21 +1304,21 @@ static int its_opts_curve(const struct its_client_opts *o, struct its_curve *k, 
             return ITS_ERR_INVALID;
         }
         char why[600];
-        rc = its_key_read(o->key_file, k->public_key, k->secret_key, why, sizeof why);
-        if (rc != 0)
+        if (keyfile_read(o->key_file, k->public_key, k->secret_key, why, sizeof why) != 0) {
             snprintf(err, err_len, "key file %s", why);
-        return rc != 0 ? rc : 1;
+            return ITS_ERR_INVALID;
+        }
+        return 1;
     }
-    if (its_z85_key(o->public_key, k->public_key) != 0 ||
-        its_z85_key(o->secret_key, k->secret_key) != 0) {
+    if (!o->public_key || !o->secret_key ||
+        keyfile_z85_decode(o->public_key, strlen(o->public_key), k->public_key) != 0 ||
+        keyfile_z85_decode(o->secret_key, strlen(o->secret_key), k->secret_key) != 0) {
         snprintf(err, err_len, "public_key, secret_key: both must be %d characters of Z85 text",
                  ITS_KEY_Z85_LEN);
         return ITS_ERR_INVALID;
     }
-    char k85[ITS_KEY_Z85_LEN + 1], p85[ITS_KEY_Z85_LEN + 1];
     uint8_t derived[32];
-    zmq_z85_encode(k85, k->secret_key, 32);
-    if (zmq_curve_public(p85, k85) != 0 || !zmq_z85_decode(derived, p85) ||
+    if (keyfile_derive_public(k->secret_key, derived) != 0 ||
         memcmp(derived, k->public_key, 32) != 0) {
         snprintf(err, err_len, "public_key does not belong to secret_key");
         return ITS_ERR_INVALID;

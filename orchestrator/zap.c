@@ -18,8 +18,8 @@
 #include <zmq.h>
 
 #include "itsd_log.h"
+#include "keyfile.h"
 
-#define ZAP_MAX_FILE_BYTES 4096 /* a key file is two short lines and comments */
 #define ZAP_MAX_FRAMES 8        /* RFC 27 CURVE requests have 7 */
 #define ZAP_RECENT 64           /* refused keys remembered for the rate limit */
 
@@ -57,118 +57,13 @@ static uint64_t zap_now_ms(void)
 
 /* ---- key files ------------------------------------------------------------------------------ */
 
-/* Decodes exactly ZAP_Z85_LEN characters of Z85 text. Returns 0 or -1. */
-static int zap_z85_decode(const char *text, size_t len, uint8_t out[ZAP_KEY_BYTES])
-{
-    if (len != ZAP_Z85_LEN)
-        return -1;
-    char buf[ZAP_Z85_LEN + 1];
-    memcpy(buf, text, ZAP_Z85_LEN);
-    buf[ZAP_Z85_LEN] = '\0';
-    return zmq_z85_decode(out, buf) ? 0 : -1;
-}
-
-static char *zap_trim(char *s)
-{
-    while (*s == ' ' || *s == '\t')
-        s++;
-    size_t n = strlen(s);
-    while (n > 0 && (s[n - 1] == ' ' || s[n - 1] == '\t' || s[n - 1] == '\r' || s[n - 1] == '\n'))
-        s[--n] = '\0';
-    return s;
-}
+_Static_assert(ZAP_KEY_BYTES == KEYFILE_KEY_BYTES && ZAP_Z85_LEN == KEYFILE_Z85_LEN,
+               "zap.h and keyfile.h disagree on the size of a key");
 
 int zap_read_key_file(const char *path, uint8_t public_key[ZAP_KEY_BYTES],
                       uint8_t *secret_key, char *err, size_t err_len)
 {
-    FILE *f = fopen(path, "r");
-    if (!f) {
-        snprintf(err, err_len, "%s: cannot open: %s", path, strerror(errno));
-        return -1;
-    }
-    char text[ZAP_MAX_FILE_BYTES + 1];
-    size_t len = fread(text, 1, sizeof text, f);
-    bool read_error = ferror(f) != 0;
-    fclose(f);
-    if (read_error) {
-        snprintf(err, err_len, "%s: read error", path);
-        return -1;
-    }
-    if (len > ZAP_MAX_FILE_BYTES) {
-        snprintf(err, err_len, "%s: larger than %d bytes: not a key file", path,
-                 ZAP_MAX_FILE_BYTES);
-        return -1;
-    }
-    text[len] = '\0';
-    if (memchr(text, '\0', len)) {
-        snprintf(err, err_len, "%s: NUL byte: not a key file", path);
-        return -1;
-    }
-    bool has_pub = false, has_sec = false;
-    uint8_t pub[ZAP_KEY_BYTES], sec[ZAP_KEY_BYTES];
-    int lineno = 0;
-    for (char *line = text, *next; line; line = next) {
-        next = strchr(line, '\n');
-        if (next)
-            *next++ = '\0';
-        lineno++;
-        char *s = zap_trim(line);
-        if (!*s || *s == '#')
-            continue;
-        char *eq = strchr(s, '=');
-        const char *what = "public-key";
-        char *value = s;
-        if (eq) {
-            *eq = '\0';
-            what = zap_trim(s);
-            value = zap_trim(eq + 1);
-            if (strcmp(what, "public-key") != 0 && strcmp(what, "secret-key") != 0) {
-                snprintf(err, err_len, "%s:%d: unknown key '%.40s' (public-key, secret-key)",
-                         path, lineno, what);
-                return -1;
-            }
-        }
-        bool is_sec = strcmp(what, "secret-key") == 0;
-        if (is_sec ? has_sec : has_pub) {
-            snprintf(err, err_len, "%s:%d: a second %s", path, lineno, what);
-            return -1;
-        }
-        if (zap_z85_decode(value, strlen(value), is_sec ? sec : pub) != 0) {
-            snprintf(err, err_len, "%s:%d: %s is not %d characters of Z85 text", path, lineno,
-                     what, ZAP_Z85_LEN);
-            return -1;
-        }
-        *(is_sec ? &has_sec : &has_pub) = true;
-    }
-    if (secret_key) {
-        if (!has_sec) {
-            snprintf(err, err_len, "%s: no secret-key line (a key pair file from itsctl keygen, "
-                     "not a .pub file, is needed here)", path);
-            return -1;
-        }
-        char sec_z85[ZAP_Z85_LEN + 1], pub_z85[ZAP_Z85_LEN + 1];
-        if (!zmq_z85_encode(sec_z85, sec, ZAP_KEY_BYTES) ||
-            zmq_curve_public(pub_z85, sec_z85) != 0) {
-            snprintf(err, err_len, "%s: cannot derive the public key: %s", path,
-                     zmq_strerror(errno));
-            return -1;
-        }
-        uint8_t derived[ZAP_KEY_BYTES];
-        zmq_z85_decode(derived, pub_z85);
-        if (has_pub && memcmp(derived, pub, ZAP_KEY_BYTES) != 0) {
-            snprintf(err, err_len, "%s: public-key does not belong to secret-key", path);
-            return -1;
-        }
-        memcpy(public_key, derived, ZAP_KEY_BYTES);
-        memcpy(secret_key, sec, ZAP_KEY_BYTES);
-        return 0;
-    }
-    if (!has_pub) {
-        snprintf(err, err_len, "%s: no public key in the file", path);
-        return -1;
-    }
-    memcpy(public_key, pub, ZAP_KEY_BYTES);
-    return 0;
+    return keyfile_read(path, public_key, secret_key, err, err_len);
 }
 
 /* ---- allow-lists ------------------------------------------------------------------------------ */

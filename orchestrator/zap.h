@@ -29,12 +29,11 @@
 #define ZAP_MAX_KEYS 65536        /* keys in one allow-list */
 #define ZAP_LOG_INTERVAL_MS 10000 /* least time between two refusal lines about one key */
 
-/* Reads a key file: lines `public-key = Z85` and `secret-key = Z85` (what `itsctl keygen`
- * writes), or a single bare Z85 line taken as a public key; blank lines and '#' comments are
- * skipped. `secret` may be NULL when only the public key is wanted; when it is not NULL the
- * file must hold a secret key, and the public key is derived from it if the file lacks one
- * (and checked against it if not). Returns 0 with the binary keys set, or -1 with err naming
- * the file (and line) and the problem. */
+/* Reads a key file: keyfile_read (protocol/keyfile.h), the one reader itsd, itsw and libits
+ * share, under the name itsd's callers use. `secret_key` NULL: only the public key is wanted;
+ * otherwise the file must hold a secret key, and the public key is the one derived from it.
+ * Returns 0 with the binary keys set, or -1 with err naming the file (and line) and the
+ * problem. */
 int zap_read_key_file(const char *path, uint8_t public_key[ZAP_KEY_BYTES],
                       uint8_t *secret_key, char *err, size_t err_len);
 

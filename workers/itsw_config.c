@@ -17,6 +17,7 @@
 #include <zmq.h>
 
 #include "checkpoint.h"
+#include "keyfile.h"
 
 /* CFG_PATH is a string that, when it comes from a file and is relative, is taken relative to
  * that file's directory (so a config works wherever the daemon is started from). */
@@ -289,85 +290,6 @@ static void cfg_derive(struct itsw_config *c, struct cfg_errors *errors)
         cfg_error(errors, "name and model_name must be at most %d bytes", PROTO_MAX_NAME_BYTES);
 }
 
-/* Reads a CURVE key file: `public-key = Z85` / `secret-key = Z85` lines or one bare Z85 line
- * (a public key), '#' comments. With `sec` the file must hold a secret key, and the public key
- * is derived from it. Returns NULL, or the reason (in why) the file is refused. */
-static const char *cfg_read_key(const char *path, uint8_t pub[32], uint8_t *sec, char *why,
-                                size_t why_len)
-{
-    FILE *f = fopen(path, "r");
-    if (!f) {
-        snprintf(why, why_len, "cannot open: %s", strerror(errno));
-        return why;
-    }
-    char line[512];
-    int lineno = 0;
-    bool has_pub = false, has_sec = false;
-    uint8_t p[32], k[32];
-    const char *bad = NULL;
-    while (!bad && fgets(line, sizeof line, f)) {
-        lineno++;
-        char *t = line;
-        while (*t == ' ' || *t == '\t')
-            t++;
-        size_t n = strlen(t);
-        while (n > 0 && strchr(" \t\r\n", t[n - 1]))
-            t[--n] = '\0';
-        if (!*t || *t == '#')
-            continue;
-        bool is_sec = false;
-        char *value = t;
-        char *eq = strchr(t, '=');
-        if (eq) {
-            char *name_end = eq;
-            while (name_end > t && (name_end[-1] == ' ' || name_end[-1] == '\t'))
-                name_end--;
-            *name_end = '\0';
-            is_sec = strcmp(t, "secret-key") == 0;
-            if (!is_sec && strcmp(t, "public-key") != 0) {
-                snprintf(why, why_len, "line %d: unknown key '%.40s'", lineno, t);
-                bad = why;
-                break;
-            }
-            value = eq + 1;
-            while (*value == ' ' || *value == '\t')
-                value++;
-        }
-        if (strlen(value) != 40 || !zmq_z85_decode(is_sec ? k : p, value)) {
-            snprintf(why, why_len, "line %d: not 40 characters of Z85 text", lineno);
-            bad = why;
-        } else {
-            *(is_sec ? &has_sec : &has_pub) = true;
-        }
-    }
-    fclose(f);
-    if (bad)
-        return bad;
-    if (!sec) {
-        if (!has_pub) {
-            snprintf(why, why_len, "no public key in the file");
-            return why;
-        }
-        memcpy(pub, p, 32);
-        return NULL;
-    }
-    char k85[41], p85[41];
-    if (!has_sec || !zmq_z85_encode(k85, k, 32) || zmq_curve_public(p85, k85) != 0) {
-        snprintf(why, why_len, "no secret-key line (the worker's key pair file from itsctl "
-                 "keygen, not a .pub file, is needed here)");
-        return why;
-    }
-    memset(k85, 0, sizeof k85);
-    zmq_z85_decode(pub, p85);
-    if (has_pub && memcmp(pub, p, 32) != 0) {
-        snprintf(why, why_len, "public-key does not belong to secret-key");
-        return why;
-    }
-    memcpy(sec, k, 32);
-    memset(k, 0, sizeof k);
-    return NULL;
-}
-
 /* server_key and key: both or neither, and each must read. */
 static void cfg_load_curve(struct itsw_config *c, struct cfg_errors *errors)
 {
@@ -384,11 +306,11 @@ static void cfg_load_curve(struct itsw_config *c, struct cfg_errors *errors)
         cfg_error(errors, "server_key: this libzmq was built without CURVE");
         return;
     }
-    char why[256];
-    if (cfg_read_key(c->server_key, c->curve_server, NULL, why, sizeof why))
-        cfg_error(errors, "server_key %s: %s", c->server_key, why);
-    else if (cfg_read_key(c->key, c->curve_public, c->curve_secret, why, sizeof why))
-        cfg_error(errors, "key %s: %s", c->key, why);
+    char why[1200]; /* keyfile_read names the file in it */
+    if (keyfile_read(c->server_key, c->curve_server, NULL, why, sizeof why) != 0)
+        cfg_error(errors, "server_key: %s", why);
+    else if (keyfile_read(c->key, c->curve_public, c->curve_secret, why, sizeof why) != 0)
+        cfg_error(errors, "key: %s", why);
     else
         c->curve = true;
 }
