@@ -928,6 +928,66 @@ Test(itsd, vanished_client_cancels_its_jobs)
     daemon_stop();
 }
 
+/* A client that submits and closes at once: itsd reads the close (monitor) before the submit
+ * frame still queued from that connection. Nobody waits for that request, so it must not stay
+ * in flight until its deadline: itsd learns the client is gone when its `accepted` cannot be
+ * sent (ROUTER_MANDATORY), and cancels the request. */
+Test(itsd, submit_from_an_already_closed_connection_is_cancelled)
+{
+    daemon_start(NULL);
+    g_client = sock_new(g_front, NULL);
+    full_cluster();
+    pump(200);
+    struct proto_msg st = status(1);
+    proto_msg_free(&st);
+
+    void *orphan = sock_new(g_front, NULL);
+    struct proto_msg ask = {.type = PROTO_STATUS};
+    ask.status = (struct proto_status){.tag = 2, .has_tag = true};
+    send_msg(orphan, &ask);
+    struct proto_msg reply;
+    int got = 0;
+    for (uint64_t until = now_ms() + 3000; !got && now_ms() < until;) {
+        pump(5);
+        got = recv_now(orphan, PROTO_TO_CLIENT, &reply);
+    }
+    cr_assert(got, "the second client got no status reply (not connected): %s", log_tail());
+    proto_msg_free(&reply);
+
+    /* itsd is stopped while the client queues many status requests, then the submit, and
+     * closes: on resuming, itsd's I/O thread reads all of it and the close at once, and the
+     * close reaches the monitor while the daemon still answers the statuses, before it
+     * reads the submit. */
+    cr_assert_eq(kill(g_pid, SIGSTOP), 0);
+    for (int i = 0; i < 2000; i++)
+        send_msg(orphan, &ask);
+    struct proto_msg m = {.type = PROTO_SUBMIT};
+    m.submit = (struct proto_submit){
+        .tag = 3, .messages = g_question, .n_messages = 1, .drafts = 2, .feedbacks = 1,
+        .edits = 1, .feedbacks_per_edit = 1, .deadline_ms = 20000, .seed = 1,
+        .has_drafts = true, .has_feedbacks = true, .has_edits = true,
+        .has_feedbacks_per_edit = true, .has_deadline_ms = true, .has_seed = true};
+    send_msg(orphan, &m);
+    int linger = 2000;
+    zmq_setsockopt(orphan, ZMQ_LINGER, &linger, sizeof linger);
+    sock_close(orphan); /* the submit goes out, then the connection closes */
+    usleep(100 * 1000);
+    cr_assert_eq(kill(g_pid, SIGCONT), 0);
+
+    uint32_t in_flight = 1, queued = 1;
+    for (uint64_t until = now_ms() + 3000; (in_flight || queued) && now_ms() < until;) {
+        pump(50);
+        st = status(4);
+        in_flight = st.status_reply.in_flight;
+        queued = st.status_reply.queue_depth;
+        proto_msg_free(&st);
+    }
+    cr_assert_eq(in_flight + queued, 0,
+                 "the orphaned request is still in flight (%u) or queued (%u): %s", in_flight,
+                 queued, log_tail());
+    daemon_stop();
+}
+
 Test(itsd, busy_beyond_the_queue)
 {
     daemon_start("--max-inflight 1 --max-queued 1");
