@@ -959,7 +959,9 @@ Test(itsd, submit_from_an_already_closed_connection_is_cancelled)
      * close reaches the monitor while the daemon still answers the statuses, before it
      * reads the submit. */
     cr_assert_eq(kill(g_pid, SIGSTOP), 0);
-    for (int i = 0; i < 2000; i++)
+    int send_timeout_ms = 2000; /* a stopped peer must not hang the test in a full queue */
+    zmq_setsockopt(orphan, ZMQ_SNDTIMEO, &send_timeout_ms, sizeof send_timeout_ms);
+    for (int i = 0; i < 200; i++)
         send_msg(orphan, &ask);
     struct proto_msg m = {.type = PROTO_SUBMIT};
     m.submit = (struct proto_submit){
