@@ -22,6 +22,7 @@
 #include <zmq.h>
 
 #include "itsd_log.h"
+#include "keyfile.h"
 #include "metrics_http.h"
 #include "zap.h"
 
@@ -766,7 +767,7 @@ static int itsd_config_check_security(const struct itsd_config *cfg, char *err, 
         bad--;
     } else {
         uint8_t pub[ZAP_KEY_BYTES], sec[ZAP_KEY_BYTES];
-        if (zap_read_key_file(cfg->secret_key, pub, sec, why, sizeof why) != 0) {
+        if (keyfile_read(cfg->secret_key, pub, sec, why, sizeof why) != 0) {
             itsd_config_errf(err, err_len, "[security] secret_key: %s", why);
             bad--;
         }

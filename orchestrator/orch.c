@@ -38,6 +38,7 @@
 #include "evzmq.h"
 #include "frontend.h"
 #include "itsd_log.h"
+#include "keyfile.h"
 #include "metrics.h"
 #include "metrics_http.h"
 #include "proto.h"
@@ -884,7 +885,7 @@ int orch_new(const struct itsd_config *cfg, const struct templates *tpl, struct 
     uint8_t public_key[ZAP_KEY_BYTES], secret_key[ZAP_KEY_BYTES];
     if (cfg->curve) {
         char why[1200];
-        if (zap_read_key_file(cfg->secret_key, public_key, secret_key, why, sizeof why) != 0) {
+        if (keyfile_read(cfg->secret_key, public_key, secret_key, why, sizeof why) != 0) {
             snprintf(err, err_len, "[security] secret_key: %s", why);
             goto fail;
         }

@@ -60,12 +60,6 @@ static uint64_t zap_now_ms(void)
 _Static_assert(ZAP_KEY_BYTES == KEYFILE_KEY_BYTES && ZAP_Z85_LEN == KEYFILE_Z85_LEN,
                "zap.h and keyfile.h disagree on the size of a key");
 
-int zap_read_key_file(const char *path, uint8_t public_key[ZAP_KEY_BYTES],
-                      uint8_t *secret_key, char *err, size_t err_len)
-{
-    return keyfile_read(path, public_key, secret_key, err, err_len);
-}
-
 /* ---- allow-lists ------------------------------------------------------------------------------ */
 
 static int zap_entry_cmp(const void *a, const void *b)
@@ -105,7 +99,7 @@ static int zap_list_add_file(struct zap_list *l, size_t *cap, const char *path, 
         *cap = ncap;
     }
     struct zap_entry *e = &l->e[l->n];
-    if (zap_read_key_file(path, e->key, NULL, err, err_len) != 0)
+    if (keyfile_read(path, e->key, NULL, err, err_len) != 0)
         return -1;
     size_t stem = strlen(file);
     if (zap_has_suffix(file, ".pub"))

@@ -29,14 +29,6 @@
 #define ZAP_MAX_KEYS 65536        /* keys in one allow-list */
 #define ZAP_LOG_INTERVAL_MS 10000 /* least time between two refusal lines about one key */
 
-/* Reads a key file: keyfile_read (protocol/keyfile.h), the one reader itsd, itsw and libits
- * share, under the name itsd's callers use. `secret_key` NULL: only the public key is wanted;
- * otherwise the file must hold a secret key, and the public key is the one derived from it.
- * Returns 0 with the binary keys set, or -1 with err naming the file (and line) and the
- * problem. */
-int zap_read_key_file(const char *path, uint8_t public_key[ZAP_KEY_BYTES],
-                      uint8_t *secret_key, char *err, size_t err_len);
-
 struct zap_list;
 
 /* Loads an allow-list: `path` is a directory, whose regular files named *.pub (not starting
