@@ -424,8 +424,10 @@ static int cuda_alloc_scratch(struct cuda_backend *be, char *err, size_t err_len
     be->logit0 = (float *)(p + o_l0);
     be->tokens = (int32_t *)(p + o_tk);
     /* Defined contents from the start: a stale row is then a wrong number, never garbage
-     * that sanitizers flag as uninitialised. */
-    KTRY(cudaMemset(p, 0, off));
+     * that sanitizers flag as uninitialised. On be->stream, not the legacy default stream: a
+     * non-blocking stream does not wait for legacy-stream work, so a plain cudaMemset could
+     * still be running when the first forward's kernels start. */
+    KTRY(cudaMemsetAsync(p, 0, off, be->stream));
 
     aw = katt_workspace_bytes(be->max_seqs, be->max_tokens, c->n_heads, c->head_dim,
                                      be->ctx_cap);
@@ -437,7 +439,7 @@ static int cuda_alloc_scratch(struct cuda_backend *be, char *err, size_t err_len
     KTRY(cudaMalloc((void **)&be->desc_d, be->desc_bytes));
     KTRY(cudaHostAlloc((void **)&be->desc_h, be->desc_bytes, cudaHostAllocDefault));
     memset(be->desc_h, 0, be->desc_bytes);
-    KTRY(cudaMemset(be->desc_d, 0, be->desc_bytes));
+    KTRY(cudaMemsetAsync(be->desc_d, 0, be->desc_bytes, be->stream));
     KTRY(cudaHostAlloc((void **)&be->tokens_h, S * sizeof(int32_t), cudaHostAllocDefault));
     KTRY(cudaHostAlloc((void **)&be->logit0_h, S * sizeof(float), cudaHostAllocDefault));
     return 0;
@@ -542,6 +544,10 @@ int cuda_backend_open(const struct model_config *cfg, const struct model_weights
                  "(or both 0: as much as the device holds)", p->n_kv_blocks, p->kv_tokens);
         return -1;
     }
+    /* The forward path checks launches with cudaGetLastError (KLAUNCH): an error some earlier
+     * call on this thread left behind (a failed open's cudaMalloc, say) must not abort our first
+     * launch. Sticky errors are not cleared by this and still fail the calls below. */
+    (void)cudaGetLastError();
     {
         int n_dev = 0;
         KTRY(cudaGetDeviceCount(&n_dev));
@@ -561,7 +567,9 @@ int cuda_backend_open(const struct model_config *cfg, const struct model_weights
     be->base.ops = &cuda_ops;
     be->cfg = *cfg;
     be->base.cfg = &be->cfg;
-    be->base.caps = BACKEND_CAP_SAMPLE;
+    /* ksample's fixed-point masses hold rows of at most 2^20 logits (sample.cu) and it aborts
+     * past that; a larger vocabulary samples on the host from FWD_LAST rows instead. */
+    be->base.caps = cfg->vocab_size <= (1 << 20) ? BACKEND_CAP_SAMPLE : 0;
     be->device = p->device;
     be->max_tokens = p->max_batch_tokens;
     be->max_seqs = p->max_batch_seqs;
@@ -627,9 +635,11 @@ int cuda_backend_open(const struct model_config *cfg, const struct model_weights
         }
         rope_inv_freq(cfg, inv);
         cudaError_t rc = cudaMalloc((void **)&be->inv_freq, sizeof(float) * (cfg->head_dim / 2));
+        /* On be->stream (ordered before every kernel that reads it and the final sync); a
+         * pageable source is staged before the call returns, so `inv` may be freed at once. */
         if (rc == cudaSuccess)
-            rc = cudaMemcpy(be->inv_freq, inv, sizeof(float) * (cfg->head_dim / 2),
-                            cudaMemcpyHostToDevice);
+            rc = cudaMemcpyAsync(be->inv_freq, inv, sizeof(float) * (cfg->head_dim / 2),
+                                 cudaMemcpyHostToDevice, be->stream);
         free(inv);
         KTRY(rc);
     }
@@ -644,6 +654,7 @@ int cuda_backend_open(const struct model_config *cfg, const struct model_weights
 fail:
     if (be)
         cuda_destroy(&be->base);
+    (void)cudaGetLastError(); /* reported through err; not left for a later KLAUNCH to find */
     return -1;
 }
 

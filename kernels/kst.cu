@@ -116,6 +116,10 @@ int kst_run(int device, unsigned long long seed, char *report, size_t report_len
                           cudaGetErrorString(rc), cudaGetErrorName(rc));
                 break;
             }
+            /* A non-sticky error the suite recorded (a failed copy, an allocation) stays the
+             * runtime's last error until read: clear it, or the next suite's first launch check
+             * (KLAUNCH, which aborts) would report it and end the whole run. */
+            (void)cudaGetLastError();
         }
     }
     t.suite = "summary";

@@ -834,7 +834,10 @@ out:
 void kst_suite_core(struct kst *t)
 {
     cudaStream_t s = NULL;
-    if (KST_CUDA(t, cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)))
+    /* A blocking stream: the cases fill inputs and poison outputs with plain cudaMemcpy /
+     * cudaMemset on the legacy default stream, which a non-blocking stream would not wait for
+     * (a late poison memset would then overwrite a kernel's correct output). */
+    if (KST_CUDA(t, cudaStreamCreateWithFlags(&s, cudaStreamDefault)))
         return;
     kst_embed(t, s);
     kst_rmsnorm_case(t, s, 7, 64, 0);

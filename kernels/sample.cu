@@ -496,6 +496,20 @@ __global__ void __launch_bounds__(KS_THREADS)
         tokens[blockIdx.x] = tok;
 }
 
+/* Launches plain bisection (`simple`: one probe per pass) or the 15-probe search over n_rows
+ * CTAs; returns the launch's error (cudaGetLastError), so that the self-test can record it where
+ * ksample aborts. */
+static cudaError_t ks_launch(bool simple, float *logits, int n_rows, int vocab,
+                             const struct ksample_row *rows, int32_t *tokens, cudaStream_t stream)
+{
+    if (simple)
+        ks_kernel<1><<<(unsigned)n_rows, KS_THREADS, 0, stream>>>(logits, vocab, rows, tokens);
+    else
+        ks_kernel<KS_PROBES>
+            <<<(unsigned)n_rows, KS_THREADS, 0, stream>>>(logits, vocab, rows, tokens);
+    return cudaGetLastError();
+}
+
 size_t ksample_workspace_bytes(int max_rows, int vocab)
 {
     (void)max_rows;
@@ -515,12 +529,8 @@ void ksample(float *logits, int n_rows, int vocab, const struct ksample_row *row
         abort();
     }
     const char *simple = getenv("ITS_CUDA_SIMPLE");
-    if (simple && strcmp(simple, "1") == 0)
-        ks_kernel<1><<<(unsigned)n_rows, KS_THREADS, 0, stream>>>(logits, vocab, rows, tokens);
-    else
-        ks_kernel<KS_PROBES>
-            <<<(unsigned)n_rows, KS_THREADS, 0, stream>>>(logits, vocab, rows, tokens);
-    KLAUNCH();
+    KCUDA(ks_launch(simple && strcmp(simple, "1") == 0, logits, n_rows, vocab, rows, tokens,
+                    stream));
 }
 
 /* ---- host references ---------------------------------------------------------------------- */
@@ -733,13 +743,15 @@ static void ks_make_row(struct kst *t, float *l, int n, int r, struct ksample_ro
 }
 
 /* One case: n_rows rows of `vocab`, the device buffer starting `offset` floats into its
- * allocation (rows of an odd vocab start at every alignment anyway). */
+ * allocation (rows of an odd vocab start at every alignment anyway). Runs both kernels: the
+ * 15-probe one, and plain bisection (ITS_CUDA_SIMPLE=1, the fallback on a GPU day) on a fresh
+ * copy of the logits (the first run overwrote them). */
 static void ks_case(struct kst *t, cudaStream_t s, int vocab, int n_rows, int offset)
 {
     const size_t n = (size_t)n_rows * (size_t)vocab;
     float *h_l = (float *)malloc(n * sizeof(float));
     struct ksample_row *h_rows = (struct ksample_row *)calloc((size_t)n_rows, sizeof *h_rows);
-    int32_t *h_tok = (int32_t *)malloc((size_t)n_rows * sizeof(int32_t));
+    int32_t *h_tok = (int32_t *)malloc(2 * (size_t)n_rows * sizeof(int32_t)); /* fast, simple */
     void *scratch = malloc((size_t)vocab * (sizeof(float) + sizeof(ks_pv)));
     float *d_l = NULL;
     struct ksample_row *d_rows = NULL;
@@ -754,20 +766,23 @@ static void ks_case(struct kst *t, cudaStream_t s, int vocab, int n_rows, int of
     }
     if (KS_TRY(t, cudaMalloc(&d_l, (n + (size_t)offset) * sizeof(float))) ||
         KS_TRY(t, cudaMalloc(&d_rows, (size_t)n_rows * sizeof *d_rows)) ||
-        KS_TRY(t, cudaMalloc(&d_tok, (size_t)n_rows * sizeof *d_tok)) ||
+        KS_TRY(t, cudaMalloc(&d_tok, 2 * (size_t)n_rows * sizeof *d_tok)) ||
         KS_TRY(t, cudaMemcpyAsync(d_l + offset, h_l, n * sizeof(float), cudaMemcpyHostToDevice,
                                   s)) ||
         KS_TRY(t, cudaMemcpyAsync(d_rows, h_rows, (size_t)n_rows * sizeof *d_rows,
                                   cudaMemcpyHostToDevice, s)) ||
-        KS_TRY(t, cudaMemsetAsync(d_tok, 0x7f, (size_t)n_rows * sizeof *d_tok, s)))
-        goto out;
-    ksample(d_l + offset, n_rows, vocab, d_rows, d_tok, NULL, s);
-    if (KS_TRY(t, cudaStreamSynchronize(s)) || KS_TRY(t, cudaGetLastError()) ||
-        KS_TRY(t, cudaMemcpy(h_tok, d_tok, (size_t)n_rows * sizeof *h_tok,
+        KS_TRY(t, cudaMemsetAsync(d_tok, 0x7f, 2 * (size_t)n_rows * sizeof *d_tok, s)) ||
+        KS_TRY(t, ks_launch(false, d_l + offset, n_rows, vocab, d_rows, d_tok, s)) ||
+        KS_TRY(t, cudaMemcpyAsync(d_l + offset, h_l, n * sizeof(float), cudaMemcpyHostToDevice,
+                                  s)) ||
+        KS_TRY(t, ks_launch(true, d_l + offset, n_rows, vocab, d_rows, d_tok + n_rows, s)) ||
+        KS_TRY(t, cudaStreamSynchronize(s)) ||
+        KS_TRY(t, cudaMemcpy(h_tok, d_tok, 2 * (size_t)n_rows * sizeof *h_tok,
                              cudaMemcpyDeviceToHost)))
         goto out;
     {
-        int greedy_bad = 0, emul_bad = 0, sampled = 0, differ = 0, far = 0, first = -1;
+        int greedy_bad = 0, emul_bad = 0, simple_bad = 0, sampled = 0, differ = 0, far = 0;
+        int first = -1;
         int32_t first_got = 0, first_want = 0;
         double first_margin = 0;
         for (int r = 0; r < n_rows; r++) {
@@ -778,6 +793,7 @@ static void ks_case(struct kst *t, cudaStream_t s, int vocab, int n_rows, int of
             int32_t emul = ks_host_draw(l, vocab, p, (float *)scratch);
             int32_t got = h_tok[r];
             emul_bad += got != emul;
+            simple_bad += h_tok[n_rows + r] != emul;
             if (p->temperature == 0.0f || p->top_k == 1 || want < 0) {
                 greedy_bad += got != want;
                 if (got != want && first < 0) {
@@ -816,8 +832,14 @@ static void ks_case(struct kst *t, cudaStream_t s, int vocab, int n_rows, int of
         kst_check(t, emul_bad == 0,
                   "ksample vocab %d: %d of %d rows differ from the same algorithm run on the "
                   "host (exact by construction: a device-mechanics bug)", vocab, emul_bad, n_rows);
+        kst_check(t, simple_bad == 0,
+                  "ksample vocab %d: %d of %d rows of the simple kernel (ITS_CUDA_SIMPLE=1) "
+                  "differ from the same algorithm run on the host", vocab, simple_bad, n_rows);
     }
 out:
+    /* Every error above is recorded; clear the runtime's last error so that it does not
+     * surface in a later launch check (ksample's KCUDA aborts). */
+    (void)cudaGetLastError();
     cudaFree(d_l);
     cudaFree(d_rows);
     cudaFree(d_tok);
