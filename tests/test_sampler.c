@@ -589,6 +589,12 @@ Test(sampler, bad_parameters_name_the_field)
     cr_assert_lt(sampler_check_params(&p, err, sizeof err), 0);
     cr_assert(strstr(err, "temperature"), "%s", err);
     p = ok;
+    p.temperature = 1e-39f; /* denormal: 1 / temperature overflows, every probability NaN */
+    cr_assert_lt(sampler_check_params(&p, err, sizeof err), 0);
+    cr_assert(strstr(err, "temperature"), "%s", err);
+    p.temperature = 1e-37f; /* small but usable */
+    cr_assert_eq(sampler_check_params(&p, err, sizeof err), 0, "%s", err);
+    p = ok;
     p.top_p = 0.0f;
     cr_assert_lt(sampler_check_params(&p, err, sizeof err), 0);
     cr_assert(strstr(err, "top_p"), "%s", err);

@@ -13,6 +13,7 @@
 
 #include "draw.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -44,6 +45,13 @@ int sampler_check_params(const struct sampler_params *p, char *err, size_t err_l
     if (!isfinite(p->temperature) || p->temperature < 0) {
         snprintf(err, err_len, "temperature is %g; it must be a finite number >= 0 (0 = greedy)",
                  (double)p->temperature);
+        return -1;
+    }
+    /* logits are scaled by 1 / temperature in float: a temperature so small that this
+     * overflows would turn every probability into NaN */
+    if (p->temperature > 0 && !isfinite(1.0f / p->temperature)) {
+        snprintf(err, err_len, "temperature is %g; a temperature above 0 must be at least %g "
+                 "(0 = greedy)", (double)p->temperature, (double)(1.0f / FLT_MAX));
         return -1;
     }
     if (!(p->top_p > 0 && p->top_p <= 1)) {
