@@ -25,6 +25,7 @@
 #include "fwd_check.h"
 #include "gemm.h"
 #include "kcheck.h"
+#include "kenv.h"
 #include "rope.h"
 #include "ops.h"
 #include "sample.h"
@@ -148,18 +149,6 @@ static size_t cuda_carve(size_t *off, size_t bytes)
     size_t at = *off;
     *off += cuda_round(bytes);
     return at;
-}
-
-static int cuda_env_on(const char *name)
-{
-    const char *v = getenv(name);
-    return v && *v && strcmp(v, "0") != 0;
-}
-
-static int cuda_env_off(const char *name)
-{
-    const char *v = getenv(name);
-    return v && strcmp(v, "0") == 0;
 }
 
 static double cuda_mib(size_t b)
@@ -576,7 +565,7 @@ int cuda_backend_open(const struct model_config *cfg, const struct model_weights
     be->q_dim = cfg->n_heads * cfg->head_dim;
     be->kv_dim = cfg->n_kv_heads * cfg->head_dim;
     be->qkv_dim = be->q_dim + 2 * be->kv_dim;
-    be->use_graphs = !cuda_env_off("ITS_CUDA_GRAPHS") && !cuda_env_on("ITS_CUDA_SIMPLE");
+    be->use_graphs = !kenv_off("ITS_CUDA_GRAPHS") && !kenv_on("ITS_CUDA_SIMPLE");
     {
         long long explicit_blocks = p->n_kv_blocks ? p->n_kv_blocks
                                     : p->kv_tokens ? ((long long)p->kv_tokens + CUDA_BLOCK - 1) /

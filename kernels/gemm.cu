@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "kcheck.h"
+#include "kenv.h"
 #include "kst.h"
 #include "ops.h"
 
@@ -155,23 +156,11 @@ void kgemm_run(const struct kgemm *g, const __nv_bfloat16 *x, int m, int k,
         kgemm_blas(g, x, m, k, w, n, y, yt, accumulate);
 }
 
-static int kgemm_env_off(const char *name)
-{
-    const char *v = getenv(name);
-    return v && strcmp(v, "0") == 0;
-}
-
-static int kgemm_env_on(const char *name)
-{
-    const char *v = getenv(name);
-    return v && *v && strcmp(v, "0") != 0;
-}
-
 int kgemm_init(struct kgemm *g, cudaStream_t stream, char *err, size_t err_len)
 {
     memset(g, 0, sizeof *g);
     g->stream = stream;
-    g->gemv = !kgemm_env_off("ITS_CUDA_GEMV") && !kgemm_env_on("ITS_CUDA_SIMPLE");
+    g->gemv = !kenv_off("ITS_CUDA_GEMV") && !kenv_on("ITS_CUDA_SIMPLE");
     KTRY_BLAS(cublasCreate(&g->blas));
     /* The stream first: cublasSetStream resets a user workspace to cuBLAS's own pool. */
     KTRY_BLAS(cublasSetStream(g->blas, stream));

@@ -43,6 +43,7 @@
 
 #include "draw.h"
 #include "kcheck.h"
+#include "kenv.h"
 #include "kst.h"
 
 #define KS_THREADS 512
@@ -528,8 +529,7 @@ void ksample(float *logits, int n_rows, int vocab, const struct ksample_row *row
                 vocab, KS_MAX_VOCAB);
         abort();
     }
-    const char *simple = getenv("ITS_CUDA_SIMPLE");
-    KCUDA(ks_launch(simple && strcmp(simple, "1") == 0, logits, n_rows, vocab, rows, tokens,
+    KCUDA(ks_launch(kenv_on("ITS_CUDA_SIMPLE"), logits, n_rows, vocab, rows, tokens,
                     stream));
 }
 

@@ -7,6 +7,7 @@
  */
 #include "fwd_check.h"
 
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 
@@ -189,10 +190,11 @@ int fwd_check_call(const struct backend *be, const struct fwd_seq *seqs, int n_s
             }
             const struct fwd_sample *sp = q->sample;
             if (!(sp->temperature >= 0.0f && sp->temperature <= 1e30f) ||
+                (sp->temperature > 0.0f && !isfinite(1.0f / sp->temperature)) ||
                 !(sp->top_p > 0.0f && sp->top_p <= 1.0f) || sp->top_k < 0) {
                 snprintf(err, err_len,
                          "sequence %d: sample temperature %g, top_p %g, top_k %d: expected "
-                         "temperature >= 0, top_p in (0, 1], top_k >= 0",
+                         "temperature 0 or in [1/FLT_MAX, 1e30], top_p in (0, 1], top_k >= 0",
                          s, (double)sp->temperature, (double)sp->top_p, sp->top_k);
                 return -1;
             }
