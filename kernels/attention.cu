@@ -21,10 +21,14 @@
  *  - q, out, kv and workspace are 16-byte aligned (cudaMalloc gives 256); head_dim is 16, 32,
  *    64 or 128 (the simple path takes any head_dim <= 128 that is a multiple of 8).
  *  - Groups are disjoint. A cascaded group (n_seqs >= 2, n_shared_blocks > 0) gives its decode
- *    members the shared range [0, 16 * n_shared_blocks) (positions past a member's own context
- *    are masked, so any n_shared_blocks is safe); its prefill members take the plain path.
- *  - Positions past pos + i and table entries past the last needed one are never read; K/V
- *    slots that are read but masked never reach the output (NaN there is harmless).
+ *    members the shared range [0, 16 * n_shared_blocks), read through its first member's
+ *    table; its prefill members take the plain path. 16 * n_shared_blocks must not exceed any
+ *    decode member's pos (the backend shares only blocks below every member's write position):
+ *    past a member's own context only the scores are masked, not the values (below).
+ *  - No position at or past pos + n_new and no table entry past the last needed one is read.
+ *    A masked K never reaches the output; a masked V is multiplied by an exact 0, which a
+ *    NaN/Inf V survives: a prefill tile reads the positions its later rows need, and a NaN V
+ *    there (only a broken model makes one) spreads to the tile's earlier rows too.
  *  - Workspace (decode partials, per call): o (n_seqs, n_heads, 2 * n_splits, head_dim) f32,
  *    then ml (n_seqs, n_heads, 2 * n_splits) float2 {m, l}; m is in log2 units (scores are
  *    scaled by scale * log2(e) and exponentiated with exp2f). Slot k < n_splits holds split k
@@ -55,6 +59,7 @@
 
 #include "attention.h"
 #include "kcheck.h"
+#include "kenv.h"
 #include "kst.h"
 
 #define KATT_THREADS 128     /* every kernel here runs 4 warps */
@@ -806,10 +811,7 @@ static cudaError_t katt_launch_fast(const struct katt_args *a, cudaStream_t st)
 
 static int katt_simple_wanted(void)
 {
-    static const int on = [] {
-        const char *e1 = getenv("ITS_CUDA_SIMPLE_ATTN"), *e2 = getenv("ITS_CUDA_SIMPLE");
-        return (e1 && strcmp(e1, "1") == 0) || (e2 && strcmp(e2, "1") == 0);
-    }();
+    static const int on = kenv_on("ITS_CUDA_SIMPLE_ATTN") || kenv_on("ITS_CUDA_SIMPLE");
     return on;
 }
 
@@ -891,6 +893,7 @@ static int katt_rng_int(uint64_t *st, int lo, int hi) /* uniform in [lo, hi] */
 struct katt_tcase {
     char name[96];
     int hd, n_heads, n_kv, n_layers, layer;
+    int ctx_slack; /* added to ctx_bound, as the backend's bucketed bound of a decode graph */
     std::vector<struct katt_seq> seqs;
     std::vector<int> seq_group;
     std::vector<int> group_shared; /* n_shared_blocks per group */
@@ -906,6 +909,7 @@ static void katt_tc_init(struct katt_tcase *c, const char *name, int hd, int n_h
     c->n_kv = n_kv;
     c->n_layers = n_layers;
     c->layer = layer;
+    c->ctx_slack = 0;
 }
 
 static void katt_tc_seq(struct katt_tcase *c, int n_new, int pos, int group)
@@ -1053,7 +1057,7 @@ static void katt_build_case(struct kst *t, uint64_t *rng, struct katt_tcase *c,
                   1.0 / sqrt((double)hd), ref.data());
 
     d->n_tokens = n_tokens;
-    d->ctx_bound = ctx_bound;
+    d->ctx_bound = ctx_bound + c->ctx_slack;
     d->n_blocks = n_blocks;
     d->head_stride = head_stride;
     d->layer_stride = layer_stride;
@@ -1106,6 +1110,11 @@ static void katt_run_case(struct kst *t, uint64_t *rng, struct katt_tcase *c)
                         cudaMemcpyHostToDevice));
         /* poison the workspace too: a merge that reads an unwritten partial gives NaN */
         KTRY(cudaMemset(d_ws, 0xff, ws_bytes));
+        /* The copies and the memset above went to the legacy stream, which the non-blocking
+         * stream `st` does not wait for (a pageable cudaMemcpy may return before its DMA lands,
+         * cudaMemset returns at once): without this the kernels could read unfinished inputs
+         * or have their partials overwritten by the poison. */
+        KTRY(cudaDeviceSynchronize());
 
         struct katt_args a;
         memset(&a, 0, sizeof a);
@@ -1222,6 +1231,13 @@ static void katt_cases(struct kst *t, katt_case_fn run)
     katt_tc_seq(&c, 1, 15, -1);
     katt_tc_seq(&c, 1, 16, -1);
     katt_tc_seq(&c, 1, 256, -1);
+    run(t, &rng, &c);
+    c = katt_tcase(); /* a graph's ctx_bound overshoots: more splits, idle CTAs */
+    katt_tc_init(&c, "decode 6 + group, bound +1700", 64, 16, 4, 1, 0);
+    c.ctx_slack = 1700;
+    for (int s = 0; s < 6; s++)
+        katt_tc_seq(&c, 1, katt_rng_int(&rng, 0, 250), -1);
+    katt_tc_group(&c, &rng, 3, 15, 0);
     run(t, &rng, &c);
 
     /* shared prefixes */
