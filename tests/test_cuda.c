@@ -31,6 +31,7 @@
 #include "cuda_tools.h"
 #include "engine.h"
 #include "roofline.h"
+#include "hfref.h"
 #include "testutil.h"
 
 #define ERR_LEN 512
@@ -57,67 +58,18 @@ static void need_gpu(void)
     cr_skip_test("no usable GPU: %s", err);
 }
 
-/* ---- reference data (as tests/test_forward.c reads it) ----------------------------------- */
+/* ---- reference data (tests/hfref.h) ------------------------------------------------------- */
 
-struct ref {
-    struct checkpoint *ck;
-    const struct model_config *cfg;
-    json_t *root;
-    float *last; /* every prefill case's last-position logits, back to back */
-    size_t n_last;
-};
-
-static void ref_open(struct ref *r, const char *model)
+static int32_t *case_ids(const struct hfref *r, const char *kind, int c, int *n)
 {
-    char rel[256], err[ERR_LEN];
-    snprintf(rel, sizeof rel, "hf-reference/%s", model);
-    cr_assert_eq(checkpoint_open(tu_shared(rel), &r->ck, err, sizeof err), 0, "%s", err);
-    r->cfg = checkpoint_config(r->ck);
-    snprintf(rel, sizeof rel, "hf-reference/%s/reference_shared.json", model);
-    json_error_t jerr;
-    r->root = json_load_file(tu_shared(rel), 0, &jerr);
-    cr_assert_not_null(r->root, "%s: %s", rel, jerr.text);
-    snprintf(rel, sizeof rel, "hf-reference/%s/reference_shared_last_logits.f32", model);
-    size_t len = 0;
-    r->last = (float *)tu_read_file(tu_shared(rel), &len);
-    cr_assert_not_null(r->last, "cannot read %s", rel);
-    r->n_last = len / sizeof(float);
+    return hfref_ids(json_object_get(json_array_get(hfref_cases(r, kind), (size_t)c),
+                                     "input_ids"),
+                     n);
 }
 
-static void ref_close(struct ref *r)
+static const float *ref_last_logits(const struct hfref *r, int c)
 {
-    json_decref(r->root);
-    free(r->last);
-    checkpoint_destroy(&r->ck);
-}
-
-static json_t *ref_cases(const struct ref *r, const char *kind)
-{
-    json_t *a = json_object_get(r->root, kind);
-    cr_assert(json_is_array(a) && json_array_size(a) > 0, "reference has no %s cases", kind);
-    return a;
-}
-
-static int32_t *json_ids(json_t *arr, int *n)
-{
-    cr_assert(json_is_array(arr));
-    *n = (int)json_array_size(arr);
-    int32_t *ids = malloc(((size_t)*n + 1) * sizeof *ids);
-    cr_assert_not_null(ids);
-    for (int i = 0; i < *n; i++)
-        ids[i] = (int32_t)json_integer_value(json_array_get(arr, (size_t)i));
-    return ids;
-}
-
-static int32_t *case_ids(const struct ref *r, const char *kind, int c, int *n)
-{
-    return json_ids(json_object_get(json_array_get(ref_cases(r, kind), (size_t)c), "input_ids"),
-                    n);
-}
-
-static const float *ref_last_logits(const struct ref *r, int c)
-{
-    json_t *cs = json_array_get(ref_cases(r, "prefill"), (size_t)c);
+    json_t *cs = json_array_get(hfref_cases(r, "prefill"), (size_t)c);
     size_t off = (size_t)json_integer_value(json_object_get(cs, "last_logits_offset_bytes"));
     size_t cnt = (size_t)json_integer_value(json_object_get(cs, "last_logits_count"));
     cr_assert_eq(cnt, (size_t)r->cfg->vocab_size);
@@ -172,7 +124,7 @@ static int blocks_for(int n_pos)
     return (n_pos + BT - 1) / BT;
 }
 
-static struct backend *open_gpu(const struct ref *r, int max_tokens, int max_seqs, int n_blocks)
+static struct backend *open_gpu(const struct hfref *r, int max_tokens, int max_seqs, int n_blocks)
 {
     struct backend_params p = {.n_kv_blocks = n_blocks, .max_batch_tokens = max_tokens,
                                .max_batch_seqs = max_seqs, .device = cuda_dev()};
@@ -183,7 +135,7 @@ static struct backend *open_gpu(const struct ref *r, int max_tokens, int max_seq
     return be;
 }
 
-static struct backend *open_cpu(const struct ref *r, int max_tokens, int max_seqs, int n_blocks)
+static struct backend *open_cpu(const struct hfref *r, int max_tokens, int max_seqs, int n_blocks)
 {
     struct backend_params p = {.n_kv_blocks = n_blocks, .max_batch_tokens = max_tokens,
                                .max_batch_seqs = max_seqs};
@@ -200,7 +152,7 @@ static void fwd_ok(struct backend *be, const struct fwd_seq *s, int n, const cha
     cr_assert_eq(rc, 0, "%s: %s forward: %s", what, be->ops->name, err);
 }
 
-static float *rows_alloc(const struct ref *r, size_t rows)
+static float *rows_alloc(const struct hfref *r, size_t rows)
 {
     float *p = malloc(rows * (size_t)r->cfg->vocab_size * sizeof *p);
     cr_assert_not_null(p, "out of memory for %zu logit rows", rows);
@@ -211,7 +163,7 @@ static float *rows_alloc(const struct ref *r, size_t rows)
 }
 
 /* ids[0..n) alone in blocks [first_block, ...), one call, logits per `kind`. */
-static float *run_alone(const struct ref *r, struct backend *be, const int32_t *ids, int n,
+static float *run_alone(const struct hfref *r, struct backend *be, const int32_t *ids, int n,
                         enum fwd_output kind, int first_block)
 {
     int nb = blocks_for(n);
@@ -247,12 +199,12 @@ Test(cuda, kernel_selftests_pass)
 
 static void check_prefill(const char *model)
 {
-    struct ref r;
-    ref_open(&r, model);
+    struct hfref r;
+    hfref_open(&r, model);
     const int V = r.cfg->vocab_size;
     struct backend *gpu = open_gpu(&r, 1024, 8, blocks_for(1024));
     struct backend *cpu = open_cpu(&r, 1024, 8, blocks_for(1024));
-    int nc = (int)json_array_size(ref_cases(&r, "prefill"));
+    int nc = (int)json_array_size(hfref_cases(&r, "prefill"));
     for (int c = 0; c < nc; c++) {
         int n;
         int32_t *ids = case_ids(&r, "prefill", c, &n);
@@ -283,7 +235,7 @@ static void check_prefill(const char *model)
     }
     backend_destroy(&gpu);
     backend_destroy(&cpu);
-    ref_close(&r);
+    hfref_close(&r);
 }
 
 Test(cuda, prefill_logits_match_cpu_and_hf_llama31)
@@ -305,10 +257,10 @@ Test(cuda, prefill_logits_match_cpu_and_hf_llama3_tied)
 static void check_batches(const char *model)
 {
     static const int sizes[] = {1, 2, 7, 16, 64};
-    struct ref r;
-    ref_open(&r, model);
+    struct hfref r;
+    hfref_open(&r, model);
     const int V = r.cfg->vocab_size;
-    int nc = (int)json_array_size(ref_cases(&r, "prefill"));
+    int nc = (int)json_array_size(hfref_cases(&r, "prefill"));
     int32_t *ids[8];
     int len[8];
     float *cpu_last[8];
@@ -402,7 +354,7 @@ static void check_batches(const char *model)
     free(seqs);
     free(tables);
     backend_destroy(&gpu);
-    ref_close(&r);
+    hfref_close(&r);
 }
 
 Test(cuda, batch_sizes_1_to_64_match_hf_llama31)
@@ -422,8 +374,8 @@ Test(cuda, batch_sizes_1_to_64_match_hf_llama3_tied)
 Test(cuda, mixed_prefill_and_decode_in_one_call)
 {
     need_gpu();
-    struct ref r;
-    ref_open(&r, "tiny-llama31");
+    struct hfref r;
+    hfref_open(&r, "tiny-llama31");
     const int V = r.cfg->vocab_size;
     int na, nb, nl;
     int32_t *a = case_ids(&r, "prefill", 1, &na);
@@ -465,7 +417,7 @@ Test(cuda, mixed_prefill_and_decode_in_one_call)
     free(b);
     free(l);
     backend_destroy(&gpu);
-    ref_close(&r);
+    hfref_close(&r);
 }
 
 /* ---- shared prefixes ----------------------------------------------------------------------- */
@@ -476,7 +428,7 @@ enum { SH_N = 16, SH_STEPS = 4 };
  * once; SH_N samples share its full blocks, all but the last get a copy of its partial block
  * (copy_block); then SH_STEPS decode steps of all samples in one call each, sample i feeding
  * its own ids. Returns (SH_STEPS, SH_N, V) logits. */
-static float *run_shared(const struct ref *r, struct backend *be, const int32_t *prompt, int n)
+static float *run_shared(const struct hfref *r, struct backend *be, const int32_t *prompt, int n)
 {
     const int V = r->cfg->vocab_size;
     const int full = n / BT, need = blocks_for(n + SH_STEPS);
@@ -521,8 +473,8 @@ static float *run_shared(const struct ref *r, struct backend *be, const int32_t 
 Test(cuda, shared_prefix_samples_match_cpu)
 {
     need_gpu();
-    struct ref r;
-    ref_open(&r, "tiny-llama31");
+    struct hfref r;
+    hfref_open(&r, "tiny-llama31");
     const int V = r.cfg->vocab_size;
     int n;
     int32_t *prompt = case_ids(&r, "prefill", 4, &n);
@@ -544,12 +496,12 @@ Test(cuda, shared_prefix_samples_match_cpu)
     free(prompt);
     backend_destroy(&gpu);
     backend_destroy(&cpu);
-    ref_close(&r);
+    hfref_close(&r);
 }
 
 /* ---- through the engine ------------------------------------------------------------------- */
 
-static struct engine *gpu_engine(const struct ref *r, int max_seqs, int kv_tokens,
+static struct engine *gpu_engine(const struct hfref *r, int max_seqs, int kv_tokens,
                                  int max_batch_tokens)
 {
     struct engine_params p = {.backend = "cuda", .device = cuda_dev(), .max_seqs = max_seqs,
@@ -574,10 +526,10 @@ static void drain(struct engine *e)
  * up to the first step whose top-1/top-2 margin is under 0.05. */
 static void check_engine_greedy(const char *model)
 {
-    struct ref r;
-    ref_open(&r, model);
+    struct hfref r;
+    hfref_open(&r, model);
     struct engine *e = gpu_engine(&r, 24, 16384, 256);
-    json_t *cases = ref_cases(&r, "greedy");
+    json_t *cases = hfref_cases(&r, "greedy");
     int nc = (int)json_array_size(cases);
     struct engine_sampling sp = {.temperature = 0, .top_p = 1, .max_tokens = 24,
                                  .ignore_eos = 1};
@@ -593,7 +545,7 @@ static void check_engine_greedy(const char *model)
     for (int c = 0; c <= nc; c++) {
         const json_t *cs = json_array_get(cases, (size_t)(c < nc ? c : 0));
         int n_want;
-        int32_t *want = json_ids(json_object_get(cs, "generated_ids"), &n_want);
+        int32_t *want = hfref_ids(json_object_get(cs, "generated_ids"), &n_want);
         const json_t *margins = json_object_get(cs, "top1_top2_margin");
         int upto = n_want;
         for (int s = 0; s < n_want; s++)
@@ -615,7 +567,7 @@ static void check_engine_greedy(const char *model)
         free(want);
     }
     engine_destroy(&e);
-    ref_close(&r);
+    hfref_close(&r);
 }
 
 Test(cuda, engine_greedy_matches_hf_llama31)
@@ -638,9 +590,9 @@ Test(cuda, reward_logit0_matches_hf)
     need_gpu();
     const char *models[] = {"tiny-llama31", "tiny-llama3-tied"};
     for (int m = 0; m < 2; m++) {
-        struct ref r;
-        ref_open(&r, models[m]);
-        json_t *cases = ref_cases(&r, "reward");
+        struct hfref r;
+        hfref_open(&r, models[m]);
+        json_t *cases = hfref_cases(&r, "reward");
         int nc = (int)json_array_size(cases);
         cr_assert_leq(nc, 16);
         struct backend *gpu = open_gpu(&r, 256, 1, blocks_for(256));
@@ -676,7 +628,7 @@ Test(cuda, reward_logit0_matches_hf)
             free(convs[c]);
         }
         engine_destroy(&e);
-        ref_close(&r);
+        hfref_close(&r);
     }
 }
 
@@ -685,8 +637,8 @@ Test(cuda, reward_logit0_matches_hf)
 Test(cuda, impossible_jobs_are_clear_errors)
 {
     need_gpu();
-    struct ref r;
-    ref_open(&r, "tiny-llama3-tied");
+    struct hfref r;
+    hfref_open(&r, "tiny-llama3-tied");
     char err[ERR_LEN] = "";
 
     /* a prompt longer than the KV pool: refused at submission, naming the pool */
@@ -741,7 +693,7 @@ Test(cuda, impossible_jobs_are_clear_errors)
     free(out);
     free(ids);
     backend_destroy(&be);
-    ref_close(&r);
+    hfref_close(&r);
 }
 
 /* ---- the GPU benchmark --------------------------------------------------------------------- */

@@ -21,6 +21,7 @@
 #include "checkpoint.h"
 #include "engine.h"
 #include "kvblocks.h"
+#include "hfref.h"
 #include "testutil.h"
 
 #define BT BACKEND_BLOCK_TOKENS
@@ -1001,17 +1002,6 @@ static void te_close(struct te_real *t)
     json_decref(t->ref);
 }
 
-/* ids of a JSON array into a fresh array (caller frees). */
-static int32_t *te_json_ids(const json_t *arr, int *n)
-{
-    cr_assert(json_is_array(arr));
-    *n = (int)json_array_size(arr);
-    int32_t *ids = malloc((size_t)(*n ? *n : 1) * sizeof *ids);
-    for (int i = 0; i < *n; i++)
-        ids[i] = (int32_t)json_integer_value(json_array_get(arr, (size_t)i));
-    return ids;
-}
-
 static void te_greedy_matches_reference(const char *model)
 {
     /* 256-token steps: the ~600-token case is prefilled in three chunks while the others
@@ -1025,7 +1015,7 @@ static void te_greedy_matches_reference(const char *model)
     int long_prompt = 0;
     for (int c = 0; c < n_cases; c++) {
         int n;
-        int32_t *ids = te_json_ids(json_object_get(json_array_get(cases, (size_t)c),
+        int32_t *ids = hfref_ids(json_object_get(json_array_get(cases, (size_t)c),
                                                    "input_ids"), &n);
         if (n > 600)
             long_prompt = 1;
@@ -1039,7 +1029,7 @@ static void te_greedy_matches_reference(const char *model)
     for (int c = 0; c < n_cases; c++) {
         const json_t *cs = json_array_get(cases, (size_t)c);
         int n_want;
-        int32_t *want = te_json_ids(json_object_get(cs, "generated_ids"), &n_want);
+        int32_t *want = hfref_ids(json_object_get(cs, "generated_ids"), &n_want);
         const json_t *margins = json_object_get(cs, "top1_top2_margin");
         struct engine_result *r = te_take(t.e, (uint64_t)c);
         cr_assert_eq(r->outputs[0].n_ids, 24);
@@ -1089,7 +1079,7 @@ static void te_reward_matches_reference(const char *model)
     int32_t *convs[16];
     int lens[16];
     for (int i = 0; i < n; i++)
-        convs[i] = te_json_ids(json_object_get(json_array_get(cases, (size_t)i), "input_ids"),
+        convs[i] = hfref_ids(json_object_get(json_array_get(cases, (size_t)i), "input_ids"),
                                &lens[i]);
     float scores[16];
     char err[256] = "";
@@ -1129,7 +1119,7 @@ Test(engine_real, last_position_logits_match_hf)
     struct te_real t = te_open("tiny-llama31", 4, 2048, 128);
     const json_t *pc = json_array_get(json_object_get(t.ref, "prefill"), 1);
     int n;
-    int32_t *ids = te_json_ids(json_object_get(pc, "input_ids"), &n);
+    int32_t *ids = hfref_ids(json_object_get(pc, "input_ids"), &n);
     size_t off = (size_t)json_integer_value(json_object_get(pc, "last_logits_offset_bytes"));
     int count = (int)json_integer_value(json_object_get(pc, "last_logits_count"));
     const struct model_config *cfg = engine_config(t.e);
@@ -1171,7 +1161,7 @@ Test(engine_real, a_seeded_request_gives_the_same_tokens_alone_and_in_a_batch)
     int32_t *ids;
     {
         struct te_real t = te_open("tiny-llama31", 20, 8192, 128);
-        ids = te_json_ids(te_case_ids(t.ref, "greedy", 2), &n);
+        ids = hfref_ids(te_case_ids(t.ref, "greedy", 2), &n);
         char err[256] = "";
         cr_assert_eq(engine_generate(t.e, ids, n, 2, &sp, &alone, err, sizeof err), 0, "%s",
                      err);
@@ -1187,7 +1177,7 @@ Test(engine_real, a_seeded_request_gives_the_same_tokens_alone_and_in_a_batch)
             continue;
         }
         int m;
-        int32_t *other = te_json_ids(te_case_ids(t.ref, i % 3 ? "greedy" : "prefill", i % 5),
+        int32_t *other = hfref_ids(te_case_ids(t.ref, i % 3 ? "greedy" : "prefill", i % 5),
                                      &m);
         struct engine_sampling osp = {.temperature = (float)(i % 4) * 0.4f, .top_p = 0.9f,
                                       .top_k = i % 3 * 10, .seed = (uint64_t)i,
@@ -1220,7 +1210,7 @@ Test(engine_real, sixteen_samples_cost_one_prefill)
     int n = 0;
     for (int v = 0; v < 2; v++) {
         struct te_real t = te_open("tiny-llama3-tied", 16, 4096, 256);
-        int32_t *ids = te_json_ids(te_case_ids(t.ref, "greedy", 3), &n);
+        int32_t *ids = hfref_ids(te_case_ids(t.ref, "greedy", 3), &n);
         struct engine_sampling sp = {.temperature = 1.0f, .top_p = 1.0f, .seed = 1,
                                      .max_tokens = 4, .ignore_eos = 1};
         struct engine_result *r;
@@ -1253,7 +1243,7 @@ Test(engine_real, memory_pressure_waits_and_matches_unpressured_runs)
     int lens[3];
     struct te_real t = te_open("tiny-llama31", 8, 4096, 128);
     for (int i = 0; i < 3; i++) {
-        ids[i] = te_json_ids(te_case_ids(t.ref, "greedy", i + 1), &lens[i]);
+        ids[i] = hfref_ids(te_case_ids(t.ref, "greedy", i + 1), &lens[i]);
         char err[256] = "";
         cr_assert_eq(engine_generate(t.e, ids[i], lens[i], 2, &sp, &ref[i], err, sizeof err), 0,
                      "%s", err);

@@ -20,6 +20,7 @@
 #include "checkpoint.h"
 #include "cpu_matmul.h"
 #include "roofline.h"
+#include "hfref.h"
 #include "testutil.h"
 
 #define ERR_LEN 512
@@ -27,60 +28,7 @@
 
 /* ---- reference data ------------------------------------------------------------------------ */
 
-struct ref {
-    struct checkpoint *ck;
-    const struct model_config *cfg;
-    json_t *root;
-    float *last; /* every case's last-position logits, back to back */
-    size_t n_last;
-};
-
-static void ref_open(struct ref *r, const char *model)
-{
-    char rel[256], err[ERR_LEN];
-    snprintf(rel, sizeof rel, "hf-reference/%s", model);
-    cr_assert_eq(checkpoint_open(tu_shared(rel), &r->ck, err, sizeof err), 0, "%s", err);
-    r->cfg = checkpoint_config(r->ck);
-
-    snprintf(rel, sizeof rel, "hf-reference/%s/reference_shared.json", model);
-    json_error_t jerr;
-    r->root = json_load_file(tu_shared(rel), 0, &jerr);
-    cr_assert_not_null(r->root, "%s: %s", rel, jerr.text);
-
-    snprintf(rel, sizeof rel, "hf-reference/%s/reference_shared_last_logits.f32", model);
-    size_t len = 0;
-    r->last = (float *)tu_read_file(tu_shared(rel), &len);
-    cr_assert_not_null(r->last, "cannot read %s", rel);
-    r->n_last = len / sizeof(float);
-}
-
-static void ref_close(struct ref *r)
-{
-    json_decref(r->root);
-    free(r->last);
-    checkpoint_destroy(&r->ck);
-}
-
-static json_t *ref_cases(const struct ref *r, const char *kind)
-{
-    json_t *a = json_object_get(r->root, kind);
-    cr_assert(json_is_array(a) && json_array_size(a) > 0, "reference has no %s cases", kind);
-    return a;
-}
-
-/* A JSON array of integers as a heap int32 array. */
-static int32_t *json_ids(json_t *arr, int *n)
-{
-    cr_assert(json_is_array(arr));
-    *n = (int)json_array_size(arr);
-    int32_t *ids = malloc(((size_t)*n + 1) * sizeof *ids);
-    cr_assert_not_null(ids);
-    for (int i = 0; i < *n; i++)
-        ids[i] = (int32_t)json_integer_value(json_array_get(arr, (size_t)i));
-    return ids;
-}
-
-static const float *ref_last_logits(const struct ref *r, json_t *c)
+static const float *ref_last_logits(const struct hfref *r, json_t *c)
 {
     size_t off = (size_t)json_integer_value(json_object_get(c, "last_logits_offset_bytes"));
     size_t cnt = (size_t)json_integer_value(json_object_get(c, "last_logits_count"));
@@ -147,7 +95,7 @@ static void expect_top5(const float *row, int vocab, json_t *ids, json_t *vals, 
 
 /* ---- backend helpers ----------------------------------------------------------------------- */
 
-static struct backend *open_be(const struct ref *r, int max_tokens, int max_seqs, int n_blocks,
+static struct backend *open_be(const struct hfref *r, int max_tokens, int max_seqs, int n_blocks,
                                int n_threads)
 {
     struct backend_params p = {.n_kv_blocks = n_blocks,
@@ -190,7 +138,7 @@ static void fwd_ok(struct backend *be, const struct fwd_seq *s, int n)
     cr_assert_eq(rc, 0, "forward: %s", err);
 }
 
-static float *logits_alloc(const struct ref *r, int rows)
+static float *logits_alloc(const struct hfref *r, int rows)
 {
     float *p = malloc((size_t)rows * (size_t)r->cfg->vocab_size * sizeof *p);
     cr_assert_not_null(p, "out of memory for %d logit rows", rows);
@@ -198,7 +146,7 @@ static float *logits_alloc(const struct ref *r, int rows)
 }
 
 /* Runs ids[0..n) of one sequence in one call with private blocks, logits per `out_kind`. */
-static float *run_alone(const struct ref *r, struct backend *be, const int32_t *ids, int n,
+static float *run_alone(const struct hfref *r, struct backend *be, const int32_t *ids, int n,
                         enum fwd_output out_kind)
 {
     int next = 0;
@@ -216,15 +164,15 @@ static float *run_alone(const struct ref *r, struct backend *be, const int32_t *
 
 static void check_prefill(const char *model)
 {
-    struct ref r;
-    ref_open(&r, model);
-    json_t *cases = ref_cases(&r, "prefill");
+    struct hfref r;
+    hfref_open(&r, model);
+    json_t *cases = hfref_cases(&r, "prefill");
     const int V = r.cfg->vocab_size;
     struct backend *be = open_be(&r, 1024, 8, blocks_for(1024), 0);
     for (size_t c = 0; c < json_array_size(cases); c++) {
         json_t *cs = json_array_get(cases, c);
         int n;
-        int32_t *ids = json_ids(json_object_get(cs, "input_ids"), &n);
+        int32_t *ids = hfref_ids(json_object_get(cs, "input_ids"), &n);
         const float *want = ref_last_logits(&r, cs);
         float *all = run_alone(&r, be, ids, n, FWD_ALL);
         char what[128];
@@ -242,7 +190,7 @@ static void check_prefill(const char *model)
         free(ids);
     }
     be_close(&be);
-    ref_close(&r);
+    hfref_close(&r);
 }
 
 Test(forward, prefill_matches_hf_llama31)
@@ -259,15 +207,15 @@ Test(forward, prefill_matches_hf_llama3_tied)
  * reference's logits. */
 static void check_chunked(const char *model)
 {
-    struct ref r;
-    ref_open(&r, model);
-    json_t *cases = ref_cases(&r, "prefill");
+    struct hfref r;
+    hfref_open(&r, model);
+    json_t *cases = hfref_cases(&r, "prefill");
     const int V = r.cfg->vocab_size;
     struct backend *be = open_be(&r, 1024, 4, 2 * blocks_for(1024), 0);
     for (size_t c = 0; c < json_array_size(cases); c++) {
         json_t *cs = json_array_get(cases, c);
         int n;
-        int32_t *ids = json_ids(json_object_get(cs, "input_ids"), &n);
+        int32_t *ids = hfref_ids(json_object_get(cs, "input_ids"), &n);
         float *whole = run_alone(&r, be, ids, n, FWD_LAST);
 
         int next = blocks_for(1024); /* blocks the one-call run did not use */
@@ -293,7 +241,7 @@ static void check_chunked(const char *model)
         free(ids);
     }
     be_close(&be);
-    ref_close(&r);
+    hfref_close(&r);
 }
 
 Test(forward, chunked_prefill_llama31)
@@ -311,9 +259,9 @@ Test(forward, chunked_prefill_llama3_tied)
  * our margin is its margin. */
 static void check_greedy(const char *model)
 {
-    struct ref r;
-    ref_open(&r, model);
-    json_t *cases = ref_cases(&r, "greedy");
+    struct hfref r;
+    hfref_open(&r, model);
+    json_t *cases = hfref_cases(&r, "greedy");
     const int V = r.cfg->vocab_size;
     struct backend *be = open_be(&r, 1024, 1, blocks_for(1024 + 32), 0);
     float *out = logits_alloc(&r, 1);
@@ -321,8 +269,8 @@ static void check_greedy(const char *model)
     for (size_t c = 0; c < json_array_size(cases); c++) {
         json_t *cs = json_array_get(cases, c);
         int n, n_gen;
-        int32_t *ids = json_ids(json_object_get(cs, "input_ids"), &n);
-        int32_t *gen = json_ids(json_object_get(cs, "generated_ids"), &n_gen);
+        int32_t *ids = hfref_ids(json_object_get(cs, "input_ids"), &n);
+        int32_t *gen = hfref_ids(json_object_get(cs, "generated_ids"), &n_gen);
         json_t *margins = json_object_get(cs, "top1_top2_margin");
         int next = 0;
         int32_t *table = new_table(&next, n + n_gen);
@@ -361,7 +309,7 @@ static void check_greedy(const char *model)
     cr_expect_gt(compared, 50, "%s: only %d greedy steps had a clear margin", model, compared);
     free(out);
     be_close(&be);
-    ref_close(&r);
+    hfref_close(&r);
 }
 
 Test(forward, greedy_matches_hf_llama31)
@@ -380,14 +328,14 @@ Test(forward, reward_logit0_matches_hf)
 {
     const char *models[] = {"tiny-llama31", "tiny-llama3-tied"};
     for (int m = 0; m < 2; m++) {
-        struct ref r;
-        ref_open(&r, models[m]);
-        json_t *cases = ref_cases(&r, "reward");
+        struct hfref r;
+        hfref_open(&r, models[m]);
+        json_t *cases = hfref_cases(&r, "reward");
         struct backend *be = open_be(&r, 256, 1, blocks_for(256), 0);
         for (size_t c = 0; c < json_array_size(cases); c++) {
             json_t *cs = json_array_get(cases, c);
             int n;
-            int32_t *ids = json_ids(json_object_get(cs, "input_ids"), &n);
+            int32_t *ids = hfref_ids(json_object_get(cs, "input_ids"), &n);
             double want = json_real_value(json_object_get(cs, "score_logit0"));
             float *score = run_alone(&r, be, ids, n, FWD_LOGIT0);
             float *last = run_alone(&r, be, ids, n, FWD_LAST);
@@ -402,7 +350,7 @@ Test(forward, reward_logit0_matches_hf)
             free(ids);
         }
         be_close(&be);
-        ref_close(&r);
+        hfref_close(&r);
     }
 }
 
@@ -412,9 +360,9 @@ Test(forward, reward_logit0_matches_hf)
  * kind, compared bitwise with the case run alone. */
 static void check_batched(const char *model, int n_threads, int reverse)
 {
-    struct ref r;
-    ref_open(&r, model);
-    json_t *cases = ref_cases(&r, "prefill");
+    struct hfref r;
+    hfref_open(&r, model);
+    json_t *cases = hfref_cases(&r, "prefill");
     const int V = r.cfg->vocab_size;
     int nc = (int)json_array_size(cases);
     cr_assert(nc <= 8);
@@ -426,7 +374,7 @@ static void check_batched(const char *model, int n_threads, int reverse)
     struct backend *be = open_be(&r, 1024, 8, 4 * blocks_for(1024), n_threads);
     int next = 2 * blocks_for(1024);
     for (int c = 0; c < nc; c++) {
-        ids[c] = json_ids(json_object_get(json_array_get(cases, (size_t)c), "input_ids"), &n[c]);
+        ids[c] = hfref_ids(json_object_get(json_array_get(cases, (size_t)c), "input_ids"), &n[c]);
         total += n[c];
         alone[c] = run_alone(&r, be, ids[c], n[c], kinds[c]);
         tables[c] = new_table(&next, n[c]);
@@ -454,7 +402,7 @@ static void check_batched(const char *model, int n_threads, int reverse)
         free(batched[c]);
     }
     be_close(&be);
-    ref_close(&r);
+    hfref_close(&r);
 }
 
 Test(forward, batched_equals_alone_llama31)
@@ -471,11 +419,11 @@ Test(forward, batched_equals_alone_llama3_tied_reversed)
  * bits (3 oversubscribes a 2-core machine, which must still be correct). */
 Test(forward, thread_count_changes_no_bit)
 {
-    struct ref r;
-    ref_open(&r, "tiny-llama31");
-    json_t *cs = json_array_get(ref_cases(&r, "prefill"), 3);
+    struct hfref r;
+    hfref_open(&r, "tiny-llama31");
+    json_t *cs = json_array_get(hfref_cases(&r, "prefill"), 3);
     int n;
-    int32_t *ids = json_ids(json_object_get(cs, "input_ids"), &n);
+    int32_t *ids = hfref_ids(json_object_get(cs, "input_ids"), &n);
     float *first = NULL;
     for (int th = 1; th <= 3; th++) {
         struct backend *be = open_be(&r, 64, 2, blocks_for(64), th);
@@ -492,21 +440,21 @@ Test(forward, thread_count_changes_no_bit)
     }
     free(first);
     free(ids);
-    ref_close(&r);
+    hfref_close(&r);
 }
 
 /* Decode steps of several sequences batched together (a continuous-batching step: one prefill
  * chunk plus single decode tokens) equal each sequence decoded alone. */
 Test(forward, mixed_prefill_and_decode_batch)
 {
-    struct ref r;
-    ref_open(&r, "tiny-llama3-tied");
-    json_t *cases = ref_cases(&r, "prefill");
+    struct hfref r;
+    hfref_open(&r, "tiny-llama3-tied");
+    json_t *cases = hfref_cases(&r, "prefill");
     const int V = r.cfg->vocab_size;
     int n0, n1, n2;
-    int32_t *a = json_ids(json_object_get(json_array_get(cases, 0), "input_ids"), &n0);
-    int32_t *b = json_ids(json_object_get(json_array_get(cases, 1), "input_ids"), &n1);
-    int32_t *c = json_ids(json_object_get(json_array_get(cases, 2), "input_ids"), &n2);
+    int32_t *a = hfref_ids(json_object_get(json_array_get(cases, 0), "input_ids"), &n0);
+    int32_t *b = hfref_ids(json_object_get(json_array_get(cases, 1), "input_ids"), &n1);
+    int32_t *c = hfref_ids(json_object_get(json_array_get(cases, 2), "input_ids"), &n2);
     struct backend *be = open_be(&r, 128, 4, 64, 0);
     int next = 0;
     int32_t *ta = new_table(&next, n0 + 1), *tb = new_table(&next, n1 + 1);
@@ -550,7 +498,7 @@ Test(forward, mixed_prefill_and_decode_batch)
     free(b);
     free(c);
     be_close(&be);
-    ref_close(&r);
+    hfref_close(&r);
 }
 
 /* ---- paged KV cache: prefix sharing and copy-on-write -------------------------------------- */
@@ -560,13 +508,13 @@ Test(forward, mixed_prefill_and_decode_batch)
  * tokens in one call. Each equals its whole prompt run alone in fresh blocks. */
 Test(forward, shared_prefix_blocks)
 {
-    struct ref r;
-    ref_open(&r, "tiny-llama31");
-    json_t *cases = ref_cases(&r, "prefill");
+    struct hfref r;
+    hfref_open(&r, "tiny-llama31");
+    json_t *cases = hfref_cases(&r, "prefill");
     const int V = r.cfg->vocab_size;
     int nl, no;
-    int32_t *lng = json_ids(json_object_get(json_array_get(cases, 4), "input_ids"), &nl);
-    int32_t *oth = json_ids(json_object_get(json_array_get(cases, 3), "input_ids"), &no);
+    int32_t *lng = hfref_ids(json_object_get(json_array_get(cases, 4), "input_ids"), &nl);
+    int32_t *oth = hfref_ids(json_object_get(json_array_get(cases, 3), "input_ids"), &no);
     enum { PREFIX = 40, SUFFIX = 30, TOTAL = PREFIX + SUFFIX };
     cr_assert(nl >= TOTAL && no >= SUFFIX);
     int32_t seq_a[TOTAL], seq_b[TOTAL];
@@ -627,7 +575,7 @@ Test(forward, shared_prefix_blocks)
     free(lng);
     free(oth);
     be_close(&be);
-    ref_close(&r);
+    hfref_close(&r);
 }
 
 /* ---- errors -------------------------------------------------------------------------------- */
@@ -642,8 +590,8 @@ static void expect_error(struct backend *be, const struct fwd_seq *s, int n, con
 
 Test(forward, bad_calls_are_errors)
 {
-    struct ref r;
-    ref_open(&r, "tiny-llama3-tied");
+    struct hfref r;
+    hfref_open(&r, "tiny-llama3-tied");
     const int V = r.cfg->vocab_size;
     struct backend *be = open_be(&r, 32, 2, 8, 0);
     int32_t toks[40] = {1, 2, 3};
@@ -717,13 +665,13 @@ Test(forward, bad_calls_are_errors)
     be_close(&fresh);
     free(out);
     be_close(&be);
-    ref_close(&r);
+    hfref_close(&r);
 }
 
 Test(forward, bad_params_are_errors)
 {
-    struct ref r;
-    ref_open(&r, "tiny-llama3-tied");
+    struct hfref r;
+    hfref_open(&r, "tiny-llama3-tied");
     struct backend *be = NULL;
     char err[ERR_LEN];
     struct backend_params p = {.n_kv_blocks = 4, .max_batch_tokens = 0, .max_batch_seqs = 1};
@@ -749,7 +697,7 @@ Test(forward, bad_params_are_errors)
     cr_expect_lt(backend_cpu_open(r.ck, &p, &be, err, sizeof err), 0);
     cr_expect(strstr(err, "ITS_CPU_ISA") != NULL, "%s", err);
     unsetenv("ITS_CPU_ISA");
-    ref_close(&r);
+    hfref_close(&r);
 }
 
 /* ---- every instruction set ----------------------------------------------------------------- */
@@ -758,12 +706,12 @@ Test(forward, bad_params_are_errors)
  * runs match one-call runs bitwise within each path. */
 Test(forward, every_isa_matches_hf)
 {
-    struct ref r;
-    ref_open(&r, "tiny-llama31");
-    json_t *cs = json_array_get(ref_cases(&r, "prefill"), 3);
+    struct hfref r;
+    hfref_open(&r, "tiny-llama31");
+    json_t *cs = json_array_get(hfref_cases(&r, "prefill"), 3);
     const int V = r.cfg->vocab_size;
     int n;
-    int32_t *ids = json_ids(json_object_get(cs, "input_ids"), &n);
+    int32_t *ids = hfref_ids(json_object_get(cs, "input_ids"), &n);
     static const enum cpu_isa isas[] = {CPU_ISA_GENERIC, CPU_ISA_AVX2, CPU_ISA_AVX512};
     for (int i = 0; i < 3; i++) {
         if (!cpu_isa_supported(isas[i]))
@@ -793,7 +741,7 @@ Test(forward, every_isa_matches_hf)
     }
     unsetenv("ITS_CPU_ISA");
     free(ids);
-    ref_close(&r);
+    hfref_close(&r);
 }
 
 /* f32 and f16 checkpoints run through the same forward pass as bf16 ones: finite logits, and

@@ -1,0 +1,34 @@
+/* hfref.h — the Hugging Face reference data of ../shared/hf-reference/<model>: the checkpoint,
+ * reference_shared.json and the last-position logits file, as the engine and backend tests
+ * read them. Test-only code.
+ */
+#ifndef ITS_HFREF_H
+#define ITS_HFREF_H
+
+#include <jansson.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "checkpoint.h"
+
+struct hfref {
+    struct checkpoint *ck;
+    const struct model_config *cfg;
+    json_t *root; /* reference_shared.json */
+    float *last;  /* every prefill case's last-position logits, back to back */
+    size_t n_last;
+};
+
+/* Opens hf-reference/<model> (tiny-llama31, tiny-llama3-tied); fails the calling test when
+ * any part is missing or unreadable. */
+void hfref_open(struct hfref *r, const char *model);
+void hfref_close(struct hfref *r);
+
+/* The non-empty array `kind` of the reference ("prefill", "greedy", "reward"); fails the test
+ * otherwise. */
+json_t *hfref_cases(const struct hfref *r, const char *kind);
+
+/* A JSON array of integers as a heap int32 array (one spare slot); *n gets its length. */
+int32_t *hfref_ids(const json_t *arr, int *n);
+
+#endif
