@@ -8,6 +8,7 @@
 #     test          = info build selftest test
 #     bench         = info build bench summary
 #     sanitize      = info build sanitize
+#     service       = info build service   (the one-GPU service benchmark; not in all)
 #     or any list of the single stages above
 #   deploy/gpu_session.sh pack           HERE, before the session (no GPU needed): see below
 #
@@ -57,12 +58,13 @@ if [[ ${1:-} == pack ]]; then
     make --no-print-directory ITS_INNER=1 BUILD=build/gpu build/gpu/tests/test_cuda || exit 1
     [[ -e build/gpu/lib/libits_cuda.so ]] || { echo "pack: no libits_cuda.so (nvcc?)"; exit 1; }
     rm -rf .gpu && mkdir -p .gpu/bin .gpu/lib .gpu/tests .gpu/shared
-    cp build/gpu/bin/itsw .gpu/bin/ && cp build/gpu/lib/libits_cuda.so .gpu/lib/ &&
+    cp build/gpu/bin/itsw build/gpu/bin/itsd build/gpu/bin/itsctl .gpu/bin/ &&
+        cp build/gpu/lib/libits_cuda.so .gpu/lib/ &&
         cp build/gpu/tests/test_cuda .gpu/tests/ || exit 1
     # every library they load but the C/C++ runtime, which the image has in a newer version;
     # xz-packed, as the models, to stay under the tool's 64 MiB
     rt=$(mktemp -d)
-    ldd .gpu/bin/itsw .gpu/tests/test_cuda | awk '/=> \//{print $3}' | sort -u |
+    ldd .gpu/bin/itsw .gpu/bin/itsd .gpu/bin/itsctl .gpu/tests/test_cuda | awk '/=> \//{print $3}' | sort -u |
         while read -r lib; do
             case ${lib##*/} in
             libc.so* | libm.so* | libpthread.so* | libdl.so* | librt.so* | ld-linux* | \
@@ -96,6 +98,7 @@ expand() {
     test) echo info build selftest test ;;
     bench) echo info build bench summary ;;
     sanitize) echo info build sanitize ;;
+    service) echo info build service ;;
     info | build | selftest | summary) echo "$1" ;;
     *) return 1 ;;
     esac
@@ -103,8 +106,8 @@ expand() {
 PLAN=()
 for s in "${STAGES[@]}"; do
     xs=$(expand "$s") || {
-        echo "gpu_session: unknown stage '$s' (all test bench sanitize info build selftest" \
-             "summary pack)" >&2
+        echo "gpu_session: unknown stage '$s' (all test bench sanitize service info build" \
+             "selftest summary pack)" >&2
         exit 2
     }
     for x in $xs; do
@@ -233,6 +236,16 @@ stage_bench() {
     log "bench/hf_peer.py --shape llama-3.1-8b"
     PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=$DEV run_for 300 python3 bench/hf_peer.py \
         --shape llama-3.1-8b >"$OUT_DIR/peer.json" || fail "hf_peer.py: exit $?"
+}
+
+# The whole service on one GPU (issue 5, deliverable 5): itsd + four random 8B workers, the
+# 4x1x1 request against its critical path, then the sequential transformers pipeline.
+stage_service() {
+    log "deploy/gpu_service_bench.sh (4 x llama-3.1-8b random on device $DEV)"
+    local tok="$ITS_SHARED/hf-reference/tiny-llama3-tied"
+    [[ -e $tok/tokenizer.json ]] || tok="$ITS_SHARED/hf-reference/tokenizer"
+    ITS_BUILD=$BUILD_DIR run_for 420 deploy/gpu_service_bench.sh --tokenizer "$tok" \
+        --device "$DEV" || fail "gpu_service_bench.sh: exit $?"
 }
 
 stage_summary() {
