@@ -696,6 +696,43 @@ Test(cuda, impossible_jobs_are_clear_errors)
     hfref_close(&r);
 }
 
+/* The device sampler's fixed-point masses hold vocabularies up to 2^20 entries: beyond that
+ * the backend must not offer FWD_SAMPLE (the engine then samples on the host), and a small
+ * model of such a vocabulary still runs. */
+Test(cuda, sampling_capability_only_for_vocabularies_the_sampler_holds)
+{
+    need_gpu();
+    char err[ERR_LEN] = "";
+    struct model_config cfg = {.vocab_size = 32000, .dim = 64, .ffn_dim = 128, .n_layers = 1,
+                               .n_heads = 4, .n_kv_heads = 2, .head_dim = 16,
+                               .max_seq_len = 256, .norm_eps = 1e-5f, .rope_theta = 10000.0f,
+                               .rope_kind = ROPE_DEFAULT, .tied_embeddings = 1, .bos_id = -1,
+                               .dtype = DTYPE_BF16};
+    struct backend_params p = {.kv_tokens = 256, .max_batch_tokens = 32, .max_batch_seqs = 2,
+                               .device = cuda_dev()};
+    struct backend *be = NULL;
+    cr_assert_eq(backend_open_random("cuda", &cfg, 1, &p, &be, err, sizeof err), 0, "%s", err);
+    cr_expect(be->caps & BACKEND_CAP_SAMPLE, "a 32000-entry vocabulary is sampled on the device");
+    backend_destroy(&be);
+
+    cfg.vocab_size = (1 << 20) + 1;
+    cr_assert_eq(backend_open_random("cuda", &cfg, 1, &p, &be, err, sizeof err), 0, "%s", err);
+    cr_expect(!(be->caps & BACKEND_CAP_SAMPLE),
+              "a vocabulary of 2^20 + 1 entries must not be offered to the device sampler");
+    int32_t toks[2] = {1, 1 << 20}, table[1] = {0};
+    float *out = malloc((size_t)cfg.vocab_size * sizeof *out);
+    cr_assert_not_null(out);
+    struct fwd_seq s = {.tokens = toks, .n_tokens = 2, .block_table = table, .n_blocks = 1,
+                        .output = FWD_LAST, .out = out};
+    cr_expect_eq(be->ops->forward(be, &s, 1, err, sizeof err), 0, "%s", err);
+    int finite = 1;
+    for (int i = 0; i < cfg.vocab_size && finite; i++)
+        finite = isfinite(out[i]);
+    cr_expect(finite, "logits of the big-vocabulary model are not all finite");
+    free(out);
+    backend_destroy(&be);
+}
+
 /* ---- the GPU benchmark --------------------------------------------------------------------- */
 
 /* The llama-3.2-1b structure shrunk so that a run takes a second. */

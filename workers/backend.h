@@ -99,7 +99,8 @@ int backend_open(const char *name, const struct checkpoint *ck, const struct bac
                  struct backend **out, char *err, size_t err_len);
 /* Opens backend `name` with random weights of cfg's shape that the backend creates itself, on
  * its device (benchmarks and load tests of big shapes: no host copy of the weights is made).
- * Only "cuda" supports it; other names fail with err saying so. */
+ * Only "cuda" supports it; other names fail with err saying so. `cfg` is copied: it need not
+ * outlive the backend. */
 int backend_open_random(const char *name, const struct model_config *cfg, uint64_t seed,
                         const struct backend_params *p, struct backend **out, char *err,
                         size_t err_len);
