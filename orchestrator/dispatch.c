@@ -87,6 +87,14 @@ fail:
     return PROTO_ERR_NO_MEMORY;
 }
 
+void dispatch_reconfigure(struct dispatch *d, const struct dispatch_config *cfg)
+{
+    d->cfg = *cfg;
+    registry_set_max_workers(d->reg, cfg->max_workers);
+    /* a larger queue may take what was refused a moment ago: nothing to do; a smaller one
+     * keeps the jobs it holds (they were accepted) and refuses new ones until it drains */
+}
+
 static void dispatch_job_free(struct dispatch_job *j)
 {
     proto_msg_free(&j->msg);

@@ -51,6 +51,13 @@ struct dispatch;
 int dispatch_new(const struct dispatch_config *cfg, const struct dispatch_ops *ops, void *ctx,
                  struct dispatch **out);
 
+/* Replaces the configuration (a reload). Jobs and workers stay as they are: a job keeps the
+ * retries it has used (job_retries counts against the new value), the next tick sends
+ * heartbeats at the new interval and expires workers silent for the new heartbeat_ms x
+ * liveness, queued jobs get the new no_worker_grace_ms from when they were queued, and a
+ * lower max_workers or max_queued_jobs drops nothing, only refuses what would go over. */
+void dispatch_reconfigure(struct dispatch *d, const struct dispatch_config *cfg);
+
 /* Frees every job and worker without calling ops. NULL-safe; clears *d. */
 void dispatch_destroy(struct dispatch **d);
 

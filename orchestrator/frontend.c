@@ -5,6 +5,13 @@
  * by id through an id map: the id a client sees is "r" + 16 hex digits of a 64-bit key that
  * is a bijective scramble of a counter, so ids are unique and hard to guess.
  *
+ * Reloads: a running request's settings are its own copy (merged when it started), and its
+ * pipeline renders every later job with the templates it started with, so a reload can never
+ * change a request half-way. The templates are held by a `frontend_tpl`, which counts the
+ * running requests using it; a set replaced by a reload is freed when its last user ends. A
+ * queued request keeps the submit's own settings and is merged again with the defaults of
+ * the day when it starts, if a reload came in between.
+ *
  * Re-entrancy: a request ends (frontend_end) only from frontend code that is not itself
  * called by the pipeline (pipeline ops never end anything), so a pipeline is never freed
  * under its own feet. Vanished clients are reaped from an ev_idle callback, not from the
@@ -26,8 +33,16 @@
 #include "metrics.h"
 #include "pipeline.h"
 #include "registry.h"
+#include "templates.h"
 
 enum frontend_state { FRONTEND_QUEUED, FRONTEND_RUNNING, FRONTEND_DONE };
+
+/* One loaded set of templates and the running requests whose pipelines render with it. */
+struct frontend_tpl {
+    struct templates *tpl; /* owned */
+    uint32_t users;        /* running requests holding it */
+    bool retired;          /* replaced by a reload: freed when users reaches 0 */
+};
 
 struct frontend_client;
 
@@ -39,6 +54,9 @@ struct frontend_request {
     uint64_t tag;
     enum frontend_state state;
     struct pipeline_settings settings;
+    struct proto_submit asked;    /* the submit's own settings (no messages): a reload re-merges */
+    uint64_t config_gen;          /* of the configuration `settings` was merged with */
+    struct frontend_tpl *tpl;     /* while running: the templates its pipeline renders with */
     struct proto_chat_msg *messages; /* while queued */
     uint32_t n_messages;
     struct pipeline *pipe; /* while running */
@@ -72,7 +90,8 @@ TAILQ_HEAD(frontend_client_list, frontend_client);
 struct frontend {
     struct ev_loop *loop;
     const struct itsd_config *cfg;
-    const struct templates *tpl;
+    struct frontend_tpl *tpl; /* the current templates (owned); retired ones live on in requests */
+    uint64_t config_gen;      /* bumped by frontend_reconfigured */
     struct dispatch *d;
     struct frontend_ops ops;
     void *ctx;
@@ -196,12 +215,39 @@ static void frontend_detach(struct frontend *fe, struct frontend_request *r)
 
 /* ---- kept results -------------------------------------------------------------------------- */
 
+static void frontend_tpl_free(struct frontend_tpl **h)
+{
+    if (!*h)
+        return;
+    templates_destroy(&(*h)->tpl);
+    free(*h);
+    *h = NULL;
+}
+
+/* Ends a request's pipeline (cancel_job for whatever still runs) and lets go of its
+ * templates: the last user of a set a reload replaced frees it. */
+static void frontend_pipeline_end(struct frontend_request *r)
+{
+    pipeline_destroy(&r->pipe);
+    struct frontend_tpl *h = r->tpl;
+    r->tpl = NULL;
+    if (!h)
+        return;
+    h->users--;
+    if (h->retired && h->users == 0) {
+        ITSD_DEBUG("templates %s (and the others replaced with it) freed: no running request "
+                   "uses them any more",
+                   templates_path(h->tpl, PROTO_ROLE_INSTRUCT));
+        frontend_tpl_free(&h);
+    }
+}
+
 static void frontend_request_free(struct frontend *fe, struct frontend_request *r)
 {
     if (fe->by_key)
         idmap_del(fe->by_key, r->key);
     ev_timer_stop(fe->loop, &r->deadline);
-    pipeline_destroy(&r->pipe);
+    frontend_pipeline_end(r);
     for (uint32_t i = 0; i < r->n_messages; i++)
         free(r->messages[i].content);
     free(r->messages);
@@ -295,7 +341,7 @@ static void frontend_end(struct frontend *fe, struct frontend_request *r, struct
         }
     }
     ev_timer_stop(fe->loop, &r->deadline);
-    pipeline_destroy(&r->pipe); /* cancel_job for whatever still runs */
+    frontend_pipeline_end(r); /* cancel_job for whatever still runs */
     dispatch_cancel_owner(fe->d, r);
     for (uint32_t i = 0; i < r->n_messages; i++)
         free(r->messages[i].content);
@@ -449,15 +495,41 @@ static const struct pipeline_ops frontend_pipeline_ops = {
     .now_ms = frontend_op_now_ms,
 };
 
-/* Creates the pipeline of a request (queued -> running). Returns 0, or the pipeline's error
- * with err set; the caller ends the request then. */
+static int frontend_settings(const struct frontend *fe, const struct proto_submit *s,
+                             struct pipeline_settings *out, uint32_t *deadline_ms, char *err,
+                             size_t err_len);
+
+/* Creates the pipeline of a request (queued -> running), merging its settings again first
+ * when a reload came since they were merged. Returns 0, or the pipeline's (or the merge's)
+ * error with err set; the caller ends the request then. */
+
 static int frontend_start(struct frontend *fe, struct frontend_request *r, char *err,
                           size_t err_len)
 {
-    int rc = pipeline_new(r->messages, r->n_messages, &r->settings, fe->tpl,
+    if (r->config_gen != fe->config_gen) {
+        /* queued across a reload: the new defaults and limits apply (its deadline runs on) */
+        struct pipeline_settings s;
+        uint32_t unused_deadline_ms;
+        char why[PROTO_MAX_ERROR_BYTES - 64];
+        int rc = frontend_settings(fe, &r->asked, &s, &unused_deadline_ms, why, sizeof why);
+        if (rc != 0) {
+            snprintf(err, err_len, "after a configuration reload: %s", why);
+            return rc;
+        }
+        if (!r->asked.has_seed && !fe->cfg->seed)
+            s.seed = r->settings.seed; /* the random seed drawn at acceptance stays */
+        r->settings = s;
+        r->config_gen = fe->config_gen;
+        ITSD_DEBUG("%s: settings merged again with the reloaded defaults: drafts %u, "
+                   "feedbacks %u, edits %u x %u",
+                   r->id, s.drafts, s.feedbacks, s.edits, s.feedbacks_per_edit);
+    }
+    int rc = pipeline_new(r->messages, r->n_messages, &r->settings, fe->tpl->tpl,
                           &frontend_pipeline_ops, r, &r->pipe, err, err_len);
     if (rc != 0)
         return rc;
+    r->tpl = fe->tpl;
+    r->tpl->users++;
     for (uint32_t i = 0; i < r->n_messages; i++)
         free(r->messages[i].content);
     free(r->messages);
@@ -646,6 +718,10 @@ static void frontend_submit(struct frontend *fe, const uint8_t *rid, size_t rid_
     r->fe = fe;
     r->tag = s->tag;
     r->settings = settings;
+    r->asked = *s;
+    r->asked.messages = NULL; /* moved below, owned by the request until it starts */
+    r->asked.n_messages = 0;
+    r->config_gen = fe->config_gen;
     r->want_progress = s->has_progress && s->progress;
     r->deadline_ms = deadline_ms;
     r->accepted_ms = frontend_now(fe);
@@ -953,6 +1029,37 @@ void frontend_finish_all(struct frontend *fe, int code, const char *message)
         frontend_end_with_best(fe, r, true, code, message);
 }
 
+const struct templates *frontend_templates(const struct frontend *fe)
+{
+    return fe->tpl->tpl;
+}
+
+int frontend_set_templates(struct frontend *fe, struct templates **tpl)
+{
+    struct frontend_tpl *h = calloc(1, sizeof *h);
+    if (!h)
+        return PROTO_ERR_NO_MEMORY;
+    h->tpl = *tpl;
+    *tpl = NULL;
+    struct frontend_tpl *old = fe->tpl;
+    fe->tpl = h;
+    if (old->users == 0) {
+        frontend_tpl_free(&old);
+    } else {
+        old->retired = true;
+        ITSD_DEBUG("the replaced templates stay while %u running requests use them", old->users);
+    }
+    return 0;
+}
+
+void frontend_reconfigured(struct frontend *fe)
+{
+    fe->config_gen++;
+    /* a larger max_inflight starts queued requests now; fewer kept results go now */
+    frontend_pump(fe);
+    frontend_trim_done(fe, frontend_now(fe));
+}
+
 uint32_t frontend_running(const struct frontend *fe)
 {
     return fe->n_running;
@@ -970,10 +1077,9 @@ const struct frontend_counters *frontend_counters(const struct frontend *fe)
 
 /* ---- lifecycle ------------------------------------------------------------------------------- */
 
-int frontend_new(struct ev_loop *loop, const struct itsd_config *cfg,
-                 const struct templates *tpl, struct dispatch *d, const struct frontend_ops *ops,
-                 void *ctx, struct metrics *m, struct frontend **out, char *err,
-                 size_t err_len)
+int frontend_new(struct ev_loop *loop, const struct itsd_config *cfg, struct templates **tpl,
+                 struct dispatch *d, const struct frontend_ops *ops, void *ctx,
+                 struct metrics *m, struct frontend **out, char *err, size_t err_len)
 {
     *out = NULL;
     struct frontend *fe = calloc(1, sizeof *fe);
@@ -981,7 +1087,9 @@ int frontend_new(struct ev_loop *loop, const struct itsd_config *cfg,
         goto nomem;
     fe->loop = loop;
     fe->cfg = cfg;
-    fe->tpl = tpl;
+    fe->tpl = calloc(1, sizeof *fe->tpl);
+    if (!fe->tpl)
+        goto nomem;
     fe->d = d;
     fe->ops = *ops;
     fe->ctx = ctx;
@@ -997,6 +1105,8 @@ int frontend_new(struct ev_loop *loop, const struct itsd_config *cfg,
         fe->salt = frontend_mix((uint64_t)(uintptr_t)fe ^ (uint64_t)ops->now_ms(ctx));
     if (idmap_new(&fe->by_key) != 0)
         goto nomem;
+    fe->tpl->tpl = *tpl; /* taken only now: on error the caller keeps it */
+    *tpl = NULL;
     *out = fe;
     return 0;
 nomem:
@@ -1015,7 +1125,7 @@ void frontend_destroy(struct frontend **fep)
     for (size_t i = 0; i < 3; i++) {
         while ((r = TAILQ_FIRST(lists[i])) != NULL) {
             TAILQ_REMOVE(lists[i], r, link);
-            pipeline_destroy(&r->pipe);
+            frontend_pipeline_end(r);
             dispatch_cancel_owner(fe->d, r);
             frontend_request_free(fe, r);
         }
@@ -1027,6 +1137,7 @@ void frontend_destroy(struct frontend **fep)
     }
     if (fe->loop)
         ev_idle_stop(fe->loop, &fe->reaper);
+    frontend_tpl_free(&fe->tpl); /* retired sets went with their last request above */
     idmap_destroy(&fe->by_key);
     free(fe);
     *fep = NULL;

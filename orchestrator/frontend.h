@@ -4,9 +4,13 @@
  * progress events and the result, answers cancel / get / status, keeps finished results for
  * a while (bounded count, bytes and age), and cancels the requests of clients that vanish.
  *
- * Owns every request, its pipeline and its kept result, and the per-client records (only
- * while a client has live requests). Sends only through ops->send; the dispatcher and the
- * templates belong to the caller and must outlive it. Logs one line per request event.
+ * Owns every request, its pipeline and its kept result, the per-client records (only while a
+ * client has live requests), and the templates: the current set, and each set a reload
+ * replaced for as long as a running request renders with it. Reads the configuration through
+ * the caller's pointer at every use, so that a reload (frontend_reconfigured) applies to
+ * later decisions; a running request keeps the settings and templates it started with.
+ * Sends only through ops->send; the dispatcher belongs to the caller and must outlive it.
+ * Logs one line per request event.
  */
 #ifndef ITS_FRONTEND_H
 #define ITS_FRONTEND_H
@@ -41,14 +45,14 @@ struct frontend_counters {
 
 struct frontend;
 
-/* Creates the frontend. cfg, tpl and d must outlive it; `ops` is copied. Deadline timers run
- * on `loop`. Every request that ends and every submit refused is counted in `m` (metrics.h;
- * NULL: not counted), which must outlive the frontend. Returns 0 with *out set, or
- * PROTO_ERR_NO_MEMORY with err set. */
-int frontend_new(struct ev_loop *loop, const struct itsd_config *cfg,
-                 const struct templates *tpl, struct dispatch *d, const struct frontend_ops *ops,
-                 void *ctx, struct metrics *m, struct frontend **out, char *err,
-                 size_t err_len);
+/* Creates the frontend. cfg and d must outlive it (cfg may change between calls: see
+ * frontend_reconfigured); `ops` is copied. Takes ownership of *tpl and clears it on success
+ * (on error it stays the caller's). Deadline timers run on `loop`. Every request that ends
+ * and every submit refused is counted in `m` (metrics.h; NULL: not counted), which must
+ * outlive the frontend. Returns 0 with *out set, or PROTO_ERR_NO_MEMORY with err set. */
+int frontend_new(struct ev_loop *loop, const struct itsd_config *cfg, struct templates **tpl,
+                 struct dispatch *d, const struct frontend_ops *ops, void *ctx,
+                 struct metrics *m, struct frontend **out, char *err, size_t err_len);
 
 /* Frees everything: requests still live are cancelled on the workers (cancel_job) without a
  * word to their clients (call frontend_stop first for that). NULL-safe; clears *fe. */
@@ -86,6 +90,21 @@ void frontend_stop_accepting(struct frontend *fe);
 /* Ends every running request now: a partial result when something was scored, else an
  * error with `code` (e.g. PROTO_ERR_SHUTTING_DOWN); their jobs are cancelled. */
 void frontend_finish_all(struct frontend *fe, int code, const char *message);
+
+/* The templates requests that start now render with (owned by the frontend). */
+const struct templates *frontend_templates(const struct frontend *fe);
+
+/* A reload: requests that start from now on use *tpl, which the frontend takes (clearing
+ * *tpl). Running requests keep the set they started with; a replaced set is freed when no
+ * running request uses it any more. Returns 0, or PROTO_ERR_NO_MEMORY (nothing changed, *tpl
+ * still the caller's). */
+int frontend_set_templates(struct frontend *fe, struct templates **tpl);
+
+/* The configuration behind the cfg pointer changed (a reload): new submits use it at once;
+ * queued requests are merged again with the new defaults and limits when they start (one
+ * that no longer fits fails too_large then); running requests keep their settings. Starts
+ * queued requests if max_inflight grew and trims kept results to the new bounds. */
+void frontend_reconfigured(struct frontend *fe);
 
 uint32_t frontend_running(const struct frontend *fe);
 uint32_t frontend_queued(const struct frontend *fe);

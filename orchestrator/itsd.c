@@ -1,8 +1,9 @@
 /* itsd.c — main() of the orchestrator daemon: configuration (defaults, --config FILE, flags),
  * `-t` (check the configuration and the prompt templates, report every problem, exit 0/1),
- * then the daemon (orch.h) in the foreground until SIGTERM/SIGINT.
+ * then the daemon (orch.h) in the foreground until SIGTERM/SIGINT; SIGHUP reloads.
  *
- * Owns the configuration and the loaded templates for the life of the process. Exit codes:
+ * Owns the configuration as parsed at start and the templates until the daemon takes them
+ * (the daemon keeps its own copy of the configuration, which reloads change). Exit codes:
  * 0 clean exit or good check, 1 bad configuration or templates, 2 cannot start (bind
  * failure, ...). Never runs anything but the daemon: no fork, no pid file (systemd and the
  * tests supervise it).
@@ -17,16 +18,6 @@
 #include "templates.h"
 
 #define ITSD_ERR_BYTES 16384
-
-/* Loads the templates the configuration names; an empty per-role file means <dir>/<role>. */
-static int itsd_load_templates(const struct itsd_config *cfg, struct templates **out, char *err,
-                               size_t err_len)
-{
-    const char *paths[PROTO_ROLE_COUNT];
-    for (int r = 0; r < PROTO_ROLE_COUNT; r++)
-        paths[r] = cfg->template_file[r][0] ? cfg->template_file[r] : NULL;
-    return templates_load(cfg->templates, paths, out, err, err_len);
-}
 
 /* Prints each line of `text` prefixed with "itsd: ". */
 static void itsd_print_lines(const char *text)
@@ -76,7 +67,7 @@ int main(int argc, char **argv)
     itsd_log_level = cfg.log_level;
     struct templates *tpl = NULL;
     err[0] = '\0';
-    int rc = itsd_load_templates(&cfg, &tpl, err, ITSD_ERR_BYTES);
+    int rc = orch_load_templates(&cfg, &tpl, err, ITSD_ERR_BYTES);
     if (rc != 0) {
         fprintf(stderr, "itsd: templates: %s\n", err);
         if (args.check_only)
@@ -94,7 +85,7 @@ int main(int argc, char **argv)
     }
     struct orch *o = NULL;
     err[0] = '\0';
-    rc = orch_new(&cfg, tpl, &o, err, ITSD_ERR_BYTES);
+    rc = orch_new(&cfg, &tpl, argc, argv, &o, err, ITSD_ERR_BYTES);
     if (rc != 0) {
         ITSD_ERROR("cannot start: %s", err);
         templates_destroy(&tpl);
@@ -103,7 +94,6 @@ int main(int argc, char **argv)
     }
     rc = orch_run(o);
     orch_destroy(&o);
-    templates_destroy(&tpl);
     free(err);
     return rc == 0 ? 0 : 2;
 }

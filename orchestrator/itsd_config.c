@@ -47,7 +47,14 @@ struct itsd_config_key {
     const char *def; /* default, as text */
     double lo, hi;   /* inclusive range of numbers; for a path: hi = may be empty (1) */
     const char *doc;
+    /* SIGHUP applies a new value to the running daemon (LIVE), or the key keeps its value
+     * until a restart (RESTART): sockets, their options and the CURVE identity are made once,
+     * before READY=1, and changing them under connected peers would drop their requests. */
+    bool reload;
 };
+
+#define LIVE true
+#define RESTART false
 
 /* The words of each CFG_CHOICE key, NULL-terminated, in the order of its enum. */
 static const char *const itsd_config_plaintext_choices[] = {"refuse", "force", NULL};
@@ -59,152 +66,165 @@ static const struct itsd_config_key itsd_config_keys[] = {
     /* ---- [itsd] ---- */
     {"itsd", "frontend", "frontend", CFG_ENDPOINT, OFF(frontend), "tcp://127.0.0.1:7700", 0, 0,
      "ZeroMQ endpoint of the ROUTER socket clients (libits, itsctl) connect to: tcp://HOST:PORT "
-     "or ipc://PATH."},
+     "or ipc://PATH.", RESTART},
     {"itsd", "backend", "backend", CFG_ENDPOINT, OFF(backend), "tcp://127.0.0.1:7701", 0, 0,
-     "ZeroMQ endpoint of the ROUTER socket workers (itsw serve --connect) connect to."},
+     "ZeroMQ endpoint of the ROUTER socket workers (itsw serve --connect) connect to.",
+     RESTART},
     {"itsd", "metrics_listen", "metrics-listen", CFG_LISTEN, OFF(metrics_listen), "", 0, 0,
      "Address of the plain-HTTP Prometheus endpoint GET /metrics: IPv4:PORT or [IPv6]:PORT "
      "(literal addresses, no host names); empty = no endpoint. Anyone who reaches it reads "
-     "the counters: bind loopback or a private address (docs/operations.md, Metrics)."},
+     "the counters: bind loopback or a private address (docs/operations.md, Metrics).",
+     RESTART},
     {"itsd", "templates", "templates", CFG_PATH, OFF(templates), ITSD_TEMPLATES_DIR, 0, 0,
      "Directory of the role prompt templates (instruct.tmpl, feedback.tmpl, edit.tmpl, "
      "select.tmpl). A relative path in a config file is relative to that file's directory; "
-     "on the command line, to the working directory. Read once at start; -t checks them."},
+     "on the command line, to the working directory. Read at start and again on SIGHUP (running "
+     "requests keep the templates they started with); -t checks them.", LIVE},
     {"itsd", "log_level", "log-level", CFG_LOG_LEVEL, OFF(log_level), "info", 0, 0,
-     "error, warn, info (one line per request and worker event) or debug (every message)."},
+     "error, warn, info (one line per request and worker event) or debug (every message).", LIVE},
     {"itsd", "heartbeat_ms", "heartbeat-ms", CFG_U32, OFF(heartbeat_ms), "1000", 10, 600000,
-     "Heartbeat interval between itsd and each worker, both ways (milliseconds)."},
+     "Heartbeat interval between itsd and each worker, both ways (milliseconds). A reload "
+     "applies it to registered workers at once; keep it well below every worker's own "
+     "heartbeat_ms x liveness, or they take itsd for lost.", LIVE},
     {"itsd", "liveness", "liveness", CFG_U32, OFF(liveness), "5", 1, 1000,
-     "A worker silent for this many heartbeat intervals is dropped and its jobs re-dispatched."},
+     "A worker silent for this many heartbeat intervals is dropped and its jobs "
+     "re-dispatched. A reload applies it from the next check on (a worker already silent "
+     "that long is dropped then).", LIVE},
     {"itsd", "client_heartbeat_ms", "client-heartbeat-ms", CFG_U32, OFF(client_heartbeat_ms),
      "5000", 0, 600000,
      "ZMTP heartbeat interval on client connections, so that a half-open TCP connection is "
-     "noticed and its requests cancelled (0 = off)."},
+     "noticed and its requests cancelled (0 = off).", RESTART},
     {"itsd", "client_timeout_ms", "client-timeout-ms", CFG_U32, OFF(client_timeout_ms), "15000",
      0, 3600000,
      "A client connection that answers no heartbeat for this long is closed and its requests "
-     "cancelled. At least client_heartbeat_ms when heartbeats are on."},
+     "cancelled. At least client_heartbeat_ms when heartbeats are on.", RESTART},
     {"itsd", "hwm", "hwm", CFG_U32, OFF(hwm), "10000", 1, 10000000,
      "ZeroMQ high-water mark: messages queued per peer and direction before sends to that "
-     "peer are dropped (and counted)."},
+     "peer are dropped (and counted).", RESTART},
     {"itsd", "linger_ms", "linger-ms", CFG_U32, OFF(linger_ms), "200", 0, 60000,
-     "At exit, how long messages not yet sent (cancel_job, final errors) may delay it."},
+     "At exit, how long messages not yet sent (cancel_job, final errors) may delay it.",
+     RESTART},
     {"itsd", "shutdown_ms", "shutdown-ms", CFG_U32, OFF(shutdown_ms), "10000", 0, 3600000,
      "On SIGTERM/SIGINT running requests get this long to finish before they are cancelled "
-     "(a second signal cancels at once). New and queued requests get shutting_down."},
+     "(a second signal cancels at once). New and queued requests get shutting_down.", LIVE},
     {"itsd", "max_workers", "max-workers", CFG_U32, OFF(max_workers), "1024", 1,
-     PROTO_MAX_WORKERS, "Workers registered at once; a ready beyond it is answered busy."},
+     PROTO_MAX_WORKERS,
+     "Workers registered at once; a ready beyond it is answered busy. Lowered by a reload "
+     "below the workers registered, it drops none: new ones wait for room.", LIVE},
     /* ---- [limits] ---- */
     {"limits", "max_inflight", "max-inflight", CFG_U32, OFF(max_inflight), "16", 1, 100000,
-     "Requests running at once; later ones wait in the queue."},
+     "Requests running at once; later ones wait in the queue. Lowered by a reload below the "
+     "requests running, it ends none: no queued request starts until they are fewer.", LIVE},
     {"limits", "max_queued", "max-queued", CFG_U32, OFF(max_queued), "64", 0, 1000000,
-     "Requests waiting to start; a submit beyond it is answered with a busy error."},
+     "Requests waiting to start; a submit beyond it is answered with a busy error.", LIVE},
     {"limits", "max_candidates", "max-candidates", CFG_U32, OFF(max_candidates), "512", 1,
      PROTO_MAX_CANDIDATES,
      "Candidates one request may produce: drafts x edits (+ drafts with include_drafts). "
-     "A submit over it is answered too_large naming the product."},
+     "A submit over it is answered too_large naming the product.", LIVE},
     {"limits", "max_sequences", "max-sequences", CFG_U32, OFF(max_sequences), "4096", 1,
      1000000,
      "Sequences one request may generate: drafts + drafts x feedbacks + drafts x edits. "
-     "A submit over it is answered too_large."},
+     "A submit over it is answered too_large.", LIVE},
     {"limits", "max_queued_jobs", "max-queued-jobs", CFG_U32, OFF(max_queued_jobs), "100000", 1,
      10000000,
-     "Jobs waiting for a worker, per role; a request whose job would exceed it fails busy."},
+     "Jobs waiting for a worker, per role; a request whose job would exceed it fails busy.", LIVE},
     {"limits", "default_deadline_ms", "default-deadline-ms", CFG_U32, OFF(default_deadline_ms),
      "600000", 1, PROTO_MAX_DEADLINE_MS,
      "Deadline of a request whose submit sets none, from acceptance. At the deadline the best "
-     "scored candidate so far is returned (partial), else a deadline error."},
+     "scored candidate so far is returned (partial), else a deadline error.", LIVE},
     {"limits", "max_deadline_ms", "max-deadline-ms", CFG_U32, OFF(max_deadline_ms), "3600000", 1,
-     PROTO_MAX_DEADLINE_MS, "Longer submit.deadline_ms values are cut to this."},
+     PROTO_MAX_DEADLINE_MS, "Longer submit.deadline_ms values are cut to this.", LIVE},
     {"limits", "no_worker_grace_ms", "no-worker-grace-ms", CFG_U32, OFF(no_worker_grace_ms),
      "30000", 0, PROTO_MAX_DEADLINE_MS,
      "How long a job waits for a worker of its role to register before its request fails "
-     "with no_worker naming the role. Must be below default_deadline_ms."},
+     "with no_worker naming the role. Must be below default_deadline_ms.", LIVE},
     {"limits", "job_retries", "job-retries", CFG_U32, OFF(job_retries), "2", 0, 100,
      "How often a job is sent again after its worker was lost or failed it with a retryable "
-     "error (busy, internal, ...); after that the job fails with worker_lost."},
+     "error (busy, internal, ...); after that the job fails with worker_lost.", LIVE},
     {"limits", "keep_results", "keep-results", CFG_U32, OFF(keep_results), "1024", 0, 1000000,
-     "Finished requests whose result (or error) is kept for `get ID`; the oldest go first."},
+     "Finished requests whose result (or error) is kept for `get ID`; the oldest go first.", LIVE},
     {"limits", "keep_results_mib", "keep-results-mib", CFG_U32, OFF(keep_results_mib), "256", 0,
-     1048576, "Memory the kept results may take, in MiB (encoded); the oldest go first."},
+     1048576, "Memory the kept results may take, in MiB (encoded); the oldest go first.", LIVE},
     {"limits", "result_ttl_ms", "result-ttl-ms", CFG_U32, OFF(result_ttl_ms), "600000", 0,
-     U32_MAX_D, "How long a finished request's result is kept for `get ID`."},
+     U32_MAX_D, "How long a finished request's result is kept for `get ID`.", LIVE},
     {"limits", "progress_interval_ms", "progress-interval-ms", CFG_U32,
      OFF(progress_interval_ms), "250", 0, 3600000,
-     "Least time between two progress events of one request (submit with progress=true)."},
+     "Least time between two progress events of one request (submit with progress=true).", LIVE},
     {"limits", "max_requests_per_client", "max-requests-per-client", CFG_U32,
      OFF(max_requests_per_client), "0", 0, 1000000,
      "Requests one client may have running or queued at once (0 = no per-client limit); a "
      "submit beyond it is answered busy naming this key. Clients are told apart by their "
      "CURVE key, so it applies only with [security] curve = on. The size of each request is "
-     "bounded by max_candidates and max_sequences, for every client alike."},
+     "bounded by max_candidates and max_sequences, for every client alike.", LIVE},
     /* ---- [pipeline] ---- */
     {"pipeline", "drafts", "drafts", CFG_U32, OFF(drafts), "8", 1, PROTO_MAX_DRAFTS,
-     "Draft responses the instruct model samples per request (submit.drafts overrides)."},
+     "Draft responses the instruct model samples per request (submit.drafts overrides).", LIVE},
     {"pipeline", "feedbacks", "feedbacks", CFG_U32, OFF(feedbacks), "16", 0,
-     PROTO_MAX_FEEDBACKS, "Feedbacks the feedback model samples per draft (0: drafts only)."},
+     PROTO_MAX_FEEDBACKS, "Feedbacks the feedback model samples per draft (0: drafts only).", LIVE},
     {"pipeline", "edits", "edits", CFG_U32, OFF(edits), "16", 0, PROTO_MAX_EDITS,
-     "Edit jobs per draft, each over feedbacks_per_edit effective feedbacks."},
+     "Edit jobs per draft, each over feedbacks_per_edit effective feedbacks.", LIVE},
     {"pipeline", "feedbacks_per_edit", "feedbacks-per-edit", CFG_U32, OFF(feedbacks_per_edit),
-     "1", 1, PROTO_MAX_FEEDBACKS_PER_EDIT, "Effective feedbacks one edit job sees."},
+     "1", 1, PROTO_MAX_FEEDBACKS_PER_EDIT, "Effective feedbacks one edit job sees.", LIVE},
     {"pipeline", "include_drafts", "include-drafts", CFG_BOOL, OFF(include_drafts), "false", 0,
-     0, "Whether unedited drafts also compete in the final selection."},
+     0, "Whether unedited drafts also compete in the final selection.", LIVE},
     {"pipeline", "seed", "seed", CFG_U64, OFF(seed), "0", 0, 0,
-     "Seed of requests that set none (job seeds derive from it); 0 = a random seed each."},
+     "Seed of requests that set none (job seeds derive from it); 0 = a random seed each.", LIVE},
     /* ---- [instruct] [feedback] [edit] [select] ---- */
     {"instruct", "temperature", "instruct-temperature", CFG_F64, OFF(instruct.temperature),
-     "0.7", 0, PROTO_MAX_TEMPERATURE, "Sampling temperature of drafts (0 = greedy)."},
+     "0.7", 0, PROTO_MAX_TEMPERATURE, "Sampling temperature of drafts (0 = greedy).", LIVE},
     {"instruct", "top_p", "instruct-top-p", CFG_F64, OFF(instruct.top_p), "0.9", 1e-9, 1,
-     "Nucleus sampling mass of drafts, in (0, 1]."},
+     "Nucleus sampling mass of drafts, in (0, 1].", LIVE},
     {"instruct", "top_k", "instruct-top-k", CFG_U32, OFF(instruct.top_k), "0", 0,
-     PROTO_MAX_TOP_K, "Top-k of drafts (0 = off)."},
+     PROTO_MAX_TOP_K, "Top-k of drafts (0 = off).", LIVE},
     {"instruct", "max_tokens", "instruct-max-tokens", CFG_U32, OFF(instruct.max_tokens), "4096",
-     1, PROTO_MAX_TOKENS, "New tokens per draft at most."},
+     1, PROTO_MAX_TOKENS, "New tokens per draft at most.", LIVE},
     {"instruct", "template", "instruct-template", CFG_PATH, OFF(template_file[PROTO_ROLE_INSTRUCT]),
-     "", 0, 1, "Template file of the instruct role; empty = TEMPLATES/instruct.tmpl."},
+     "", 0, 1, "Template file of the instruct role; empty = TEMPLATES/instruct.tmpl.", LIVE},
     {"feedback", "temperature", "feedback-temperature", CFG_F64, OFF(feedback.temperature),
-     "0.7", 0, PROTO_MAX_TEMPERATURE, "Sampling temperature of feedbacks."},
+     "0.7", 0, PROTO_MAX_TEMPERATURE, "Sampling temperature of feedbacks.", LIVE},
     {"feedback", "top_p", "feedback-top-p", CFG_F64, OFF(feedback.top_p), "0.9", 1e-9, 1,
-     "Nucleus sampling mass of feedbacks."},
+     "Nucleus sampling mass of feedbacks.", LIVE},
     {"feedback", "top_k", "feedback-top-k", CFG_U32, OFF(feedback.top_k), "0", 0,
-     PROTO_MAX_TOP_K, "Top-k of feedbacks (0 = off)."},
+     PROTO_MAX_TOP_K, "Top-k of feedbacks (0 = off).", LIVE},
     {"feedback", "max_tokens", "feedback-max-tokens", CFG_U32, OFF(feedback.max_tokens), "512",
      1, PROTO_MAX_TOKENS,
-     "New tokens per feedback at most (the model card's 128 is short for 2-10 sentences)."},
+     "New tokens per feedback at most (the model card's 128 is short for 2-10 sentences).", LIVE},
     {"feedback", "template", "feedback-template", CFG_PATH,
      OFF(template_file[PROTO_ROLE_FEEDBACK]), "", 0, 1,
-     "Template file of the feedback role; empty = TEMPLATES/feedback.tmpl."},
+     "Template file of the feedback role; empty = TEMPLATES/feedback.tmpl.", LIVE},
     {"edit", "temperature", "edit-temperature", CFG_F64, OFF(edit.temperature), "0", 0,
-     PROTO_MAX_TEMPERATURE, "Sampling temperature of edits (the paper edits greedily)."},
+     PROTO_MAX_TEMPERATURE, "Sampling temperature of edits (the paper edits greedily).", LIVE},
     {"edit", "top_p", "edit-top-p", CFG_F64, OFF(edit.top_p), "1", 1e-9, 1,
-     "Nucleus sampling mass of edits (no effect when greedy)."},
+     "Nucleus sampling mass of edits (no effect when greedy).", LIVE},
     {"edit", "top_k", "edit-top-k", CFG_U32, OFF(edit.top_k), "0", 0, PROTO_MAX_TOP_K,
-     "Top-k of edits (0 = off)."},
+     "Top-k of edits (0 = off).", LIVE},
     {"edit", "max_tokens", "edit-max-tokens", CFG_U32, OFF(edit.max_tokens), "4096", 1,
-     PROTO_MAX_TOKENS, "New tokens per edited response at most."},
+     PROTO_MAX_TOKENS, "New tokens per edited response at most.", LIVE},
     {"edit", "template", "edit-template", CFG_PATH, OFF(template_file[PROTO_ROLE_EDIT]), "", 0,
-     1, "Template file of the edit role; empty = TEMPLATES/edit.tmpl."},
+     1, "Template file of the edit role; empty = TEMPLATES/edit.tmpl.", LIVE},
     {"select", "template", "select-template", CFG_PATH, OFF(template_file[PROTO_ROLE_SELECT]),
-     "", 0, 1, "Template file of the select role; empty = TEMPLATES/select.tmpl."},
+     "", 0, 1, "Template file of the select role; empty = TEMPLATES/select.tmpl.", LIVE},
     /* ---- [security] ---- */
     {"security", "curve", "curve", CFG_BOOL, OFF(curve), "off", 0, 0,
      "CurveZMQ on both sockets: traffic is encrypted and only peers whose public key is in "
      "client_keys (frontend) or worker_keys (backend) get in. off = plain text, which is "
      "refused on an endpoint other hosts can reach unless plaintext_nonloopback = force. "
-     "docs/security.md explains keys, rotation and what is protected."},
+     "docs/security.md explains keys, rotation and what is protected.", RESTART},
     {"security", "secret_key", "secret-key", CFG_PATH, OFF(secret_key), "", 0, 1,
      "itsd's key pair file (written by `itsctl keygen --out PREFIX`: PREFIX.key, mode 0600); "
-     "clients and workers are given PREFIX.pub. Required when curve = on."},
+     "clients and workers are given PREFIX.pub. Required when curve = on.", RESTART},
     {"security", "client_keys", "client-keys", CFG_PATH, OFF(client_keys), "", 0, 1,
      "Allow-list of clients: a directory whose NAME.pub files each hold one public key (NAME "
      "is the client's name in logs and limits), or one such file. Required when curve = on; "
-     "SIGHUP reloads it."},
+     "SIGHUP reloads it.", LIVE},
     {"security", "worker_keys", "worker-keys", CFG_PATH, OFF(worker_keys), "", 0, 1,
-     "Allow-list of workers, like client_keys. Required when curve = on; SIGHUP reloads it."},
+     "Allow-list of workers, like client_keys. Required when curve = on; SIGHUP reloads it.",
+     LIVE},
     {"security", "plaintext_nonloopback", "plaintext-nonloopback", CFG_CHOICE,
      OFF(plaintext_nonloopback), "refuse", 0, 0,
      "With curve = off on a tcp:// endpoint that is not 127.0.0.0/8, ::1 or localhost: refuse "
-     "(itsd does not start) or force (plain text anyway, e.g. inside a private network)."},
+     "(itsd does not start) or force (plain text anyway, e.g. inside a private network).",
+     RESTART},
 };
 
 #define ITSD_CONFIG_N_KEYS (sizeof itsd_config_keys / sizeof itsd_config_keys[0])
@@ -848,6 +868,75 @@ int itsd_config_check(const struct itsd_config *cfg, char *err, size_t err_len)
     return bad;
 }
 
+/* ---- reload ------------------------------------------------------------------------------ */
+
+/* Appends "[section] key" to the ", "-separated list in buf (truncated quietly when full). */
+static void itsd_config_list_add(char *buf, size_t len, const struct itsd_config_key *k)
+{
+    if (!buf || len == 0)
+        return;
+    size_t used = strnlen(buf, len - 1);
+    snprintf(buf + used, len - used, "%s[%s] %s", used ? ", " : "", k->section, k->name);
+}
+
+int itsd_config_apply_reloadable(struct itsd_config *live, const struct itsd_config *next,
+                                 char *changed, size_t changed_len, char *restart,
+                                 size_t restart_len)
+{
+    if (changed && changed_len)
+        changed[0] = '\0';
+    if (restart && restart_len)
+        restart[0] = '\0';
+    int n = 0;
+    for (size_t i = 0; i < ITSD_CONFIG_N_KEYS; i++) {
+        const struct itsd_config_key *k = &itsd_config_keys[i];
+        /* compared as text: one rule for every kind, and the names the operator wrote */
+        char a[ITSD_CONFIG_PATH_MAX + 64], b[ITSD_CONFIG_PATH_MAX + 64];
+        itsd_config_format(live, k, a, sizeof a);
+        itsd_config_format(next, k, b, sizeof b);
+        if (strcmp(a, b) == 0)
+            continue;
+        if (!k->reload) {
+            if (restart && restart_len) {
+                size_t used = strnlen(restart, restart_len - 1);
+                snprintf(restart + used, restart_len - used,
+                         "[%s] %s = %s needs a restart; it stays %s until then\n", k->section,
+                         k->name, *b ? b : "\"\"", *a ? a : "\"\"");
+            }
+            continue;
+        }
+        /* the field's bytes: the key owns exactly [off, off + size of its kind) */
+        size_t size = 0;
+        switch (k->kind) {
+        case CFG_ENDPOINT:
+        case CFG_PATH:
+        case CFG_LISTEN:
+            size = ITSD_CONFIG_PATH_MAX;
+            break;
+        case CFG_U32:
+            size = sizeof(uint32_t);
+            break;
+        case CFG_U64:
+            size = sizeof(uint64_t);
+            break;
+        case CFG_F64:
+            size = sizeof(double);
+            break;
+        case CFG_BOOL:
+            size = sizeof(bool);
+            break;
+        case CFG_LOG_LEVEL:
+        case CFG_CHOICE:
+            size = sizeof(int);
+            break;
+        }
+        memcpy((char *)live + k->off, (const char *)next + k->off, size);
+        itsd_config_list_add(changed, changed_len, k);
+        n++;
+    }
+    return n;
+}
+
 /* ---- the command line ----------------------------------------------------------------------- */
 
 int itsd_config_from_args(int argc, char **argv, struct itsd_config *cfg,
@@ -984,16 +1073,16 @@ int itsd_config_write_ini(const struct itsd_config *cfg, FILE *out)
 int itsd_config_write_docs(FILE *out)
 {
     for (size_t s = 0; s < ITSD_CONFIG_N_SECTIONS; s++) {
-        if (fprintf(out, "%s### [%s]\n\n| key | flag | default | meaning |\n| --- | --- | --- | "
-                    "--- |\n",
+        if (fprintf(out, "%s### [%s]\n\n| key | flag | default | reload | meaning |\n| --- | --- "
+                    "| --- | --- | --- |\n",
                     s ? "\n" : "", itsd_config_sections[s]) < 0)
             return -1;
         for (size_t i = 0; i < ITSD_CONFIG_N_KEYS; i++) {
             const struct itsd_config_key *k = &itsd_config_keys[i];
             if (strcmp(k->section, itsd_config_sections[s]) != 0)
                 continue;
-            if (fprintf(out, "| `%s` | `--%s` | `%s` | %s |\n", k->name, k->flag,
-                        *k->def ? k->def : "\"\"", k->doc) < 0)
+            if (fprintf(out, "| `%s` | `--%s` | `%s` | %s | %s |\n", k->name, k->flag,
+                        *k->def ? k->def : "\"\"", k->reload ? "live" : "restart", k->doc) < 0)
                 return -1;
         }
     }

@@ -2,9 +2,10 @@
  * that override it, all driven by one table in itsd_config.c that also writes the reference
  * documentation (`itsd --print-config`, docs/configuration.md, configs/itsd.conf).
  *
- * Owns nothing beyond the struct it fills (fixed-size, no heap). Never prints, never exits:
- * every problem found is appended to the caller's buffer as one line naming FILE:LINE and
- * the key, or the flag, so that `itsd -t` can report all of them at once.
+ * Each key is marked reloadable (SIGHUP applies it to the running daemon) or restart-only in
+ * the same table. Owns nothing beyond the struct it fills (fixed-size, no heap). Never prints,
+ * never exits: every problem found is appended to the caller's buffer as one line naming
+ * FILE:LINE and the key, or the flag, so that `itsd -t` can report all of them at once.
  */
 #ifndef ITS_ITSD_CONFIG_H
 #define ITS_ITSD_CONFIG_H
@@ -119,6 +120,17 @@ int itsd_config_check(const struct itsd_config *cfg, char *err, size_t err_len);
 int itsd_config_from_args(int argc, char **argv, struct itsd_config *cfg,
                           struct itsd_args *args, char *err, size_t err_len);
 
+/* SIGHUP: copies into *live the value in *next of every key the table marks reloadable
+ * (docs/configuration.md, column "reload") whose value differs, and leaves every other key
+ * of *live alone. Lists the keys applied as "[section] key, ..." in `changed`, and each key
+ * that differs but needs a restart (not applied) as one line "[section] key = NEW needs a
+ * restart; it stays OLD until then" in `restart`; either may be NULL. Both configs
+ * should have passed itsd_config_check; the result needs itsd_config_check again, since a
+ * rule may span a reloadable and a restart-only key. Returns how many keys were applied. */
+int itsd_config_apply_reloadable(struct itsd_config *live, const struct itsd_config *next,
+                                 char *changed, size_t changed_len, char *restart,
+                                 size_t restart_len);
+
 /* Whether a tcp:// or ipc:// endpoint can only be reached from this host: ipc://, and tcp://
  * on 127.0.0.0/8, ::1 or localhost. Anything else (0.0.0.0, *, an interface name, another
  * address) is not. */
@@ -128,8 +140,9 @@ bool itsd_config_endpoint_is_loopback(const char *endpoint);
  * key preceded by its documentation. Returns 0, or -1 when writing fails. */
 int itsd_config_write_ini(const struct itsd_config *cfg, FILE *out);
 
-/* Writes the option reference (one Markdown table per section: key, flag, default, meaning)
- * from the same table. Returns 0, or -1 when writing fails. */
+/* Writes the option reference (one Markdown table per section: key, flag, default, reload
+ * ("live": SIGHUP applies it; "restart"), meaning) from the same table. Returns 0, or -1
+ * when writing fails. */
 int itsd_config_write_docs(FILE *out);
 
 /* Writes the usage text of itsd (synopsis and every flag). Returns 0 or -1. */

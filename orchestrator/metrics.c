@@ -13,7 +13,7 @@
 #include <string.h>
 
 static const double metrics_bounds[METRICS_N_BUCKETS] = {
-    0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600,
+    0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600,
 };
 
 static const char *const metrics_outcome_names[METRICS_OUTCOME_COUNT] = {

@@ -38,7 +38,7 @@ enum metrics_socket { METRICS_FRONTEND, METRICS_BACKEND };
 /* Upper bounds (seconds) of the request duration buckets: a Feedback-Edit request takes
  * seconds on a small model and minutes on a 70B one; the last bound is the longest deadline
  * a default configuration allows (max_deadline_ms). Observations above it count in +Inf. */
-#define METRICS_N_BUCKETS 14
+#define METRICS_N_BUCKETS 17
 double metrics_bucket_bound(size_t i); /* i < METRICS_N_BUCKETS, ascending */
 
 struct metrics_histogram {

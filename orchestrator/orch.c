@@ -43,6 +43,7 @@
 #include "metrics_http.h"
 #include "proto.h"
 #include "registry.h"
+#include "templates.h"
 #include "zap.h"
 
 #include <microhttpd.h>
@@ -75,11 +76,13 @@ struct orch_counters {
     uint64_t bad_client_frames, bad_worker_frames, unregistered_worker_frames;
     uint64_t unroutable_sends, dropped_sends;
     uint64_t over_client_limit, revoked_frames;
+    uint64_t reloads, refused_reloads;
 };
 
 struct orch {
-    const struct itsd_config *cfg;
-    const struct templates *tpl;
+    struct itsd_config cfg; /* the running configuration; a reload changes its live keys */
+    int argc;               /* the command line, read again by every reload */
+    char **argv;
     struct ev_loop *loop;
     void *zctx;
     void *front, *back, *mon;
@@ -109,9 +112,11 @@ static uint64_t orch_now_ms(void)
 
 /* ---- requests per client ------------------------------------------------------------------ */
 
+/* With curve on every client's live requests are counted, whatever max_requests_per_client
+ * says now: a reload may set the limit, and it must then see the requests already running. */
 static bool orch_tracks_clients(const struct orch *o)
 {
-    return o->cfg->curve && o->cfg->max_requests_per_client > 0;
+    return o->zap != NULL;
 }
 
 static uint32_t orch_live_count(const struct orch *o, const char *user)
@@ -193,7 +198,7 @@ static void orch_live_set_fd(struct orch *o, const uint8_t *rid, size_t rid_len,
  * missed (a path that ends requests silently) and must not hold its client back forever. */
 static void orch_live_expire(struct orch *o, uint64_t now)
 {
-    uint64_t max_age = (uint64_t)o->cfg->max_deadline_ms + 60000u;
+    uint64_t max_age = (uint64_t)o->cfg.max_deadline_ms + 60000u;
     for (size_t i = 0; i < o->n_live;) {
         if (now - o->live[i].since_ms > max_age) {
             ITSD_WARN("%s: client '%s''s request count expired without an end seen",
@@ -519,16 +524,16 @@ static void orch_client_message(struct orch *o, const uint8_t *rid, size_t rid_l
         return;
     }
     uint32_t live = orch_live_count(o, user);
-    if (live >= o->cfg->max_requests_per_client) {
+    if (o->cfg.max_requests_per_client > 0 && live >= o->cfg.max_requests_per_client) {
         o->c.over_client_limit++;
         metrics_request_rejected(&o->metrics, PROTO_ERR_BUSY);
         ITSD_INFO("submit of client '%s' refused: %u requests live (max_requests_per_client "
-                  "%u)", user, live, o->cfg->max_requests_per_client);
+                  "%u)", user, live, o->cfg.max_requests_per_client);
         struct proto_peek pk = {.type = PROTO_SUBMIT, .has_tag = true, .tag = m->submit.tag};
         orch_send_error(o, o->front, rid, rid_len, &pk, PROTO_ERR_BUSY,
                         "busy: client '%s' has %u requests running or queued "
                         "(max_requests_per_client %u); retry when one has finished",
-                        user, live, o->cfg->max_requests_per_client);
+                        user, live, o->cfg.max_requests_per_client);
         return;
     }
     struct orch_submit_ctx ctx = {.user = user, .rid = rid, .rid_len = rid_len, .fd = fd};
@@ -719,6 +724,41 @@ static void orch_on_backend(void *ctx)
     orch_frames_close(&f);
 }
 
+/* ---- configuration --------------------------------------------------------------------------- */
+
+static void orch_dispatch_config(const struct itsd_config *cfg, struct dispatch_config *dc)
+{
+    *dc = (struct dispatch_config){
+        .heartbeat_ms = cfg->heartbeat_ms,
+        .liveness = cfg->liveness,
+        .job_retries = cfg->job_retries,
+        .no_worker_grace_ms = cfg->no_worker_grace_ms,
+        .max_queued_jobs = cfg->max_queued_jobs,
+        .max_workers = cfg->max_workers,
+    };
+}
+
+/* Housekeeping often enough for heartbeats, liveness and the grace period to be kept to within
+ * a fraction of their own length (seconds). */
+static double orch_tick_s(const struct itsd_config *cfg)
+{
+    uint32_t tick_ms = cfg->heartbeat_ms / 2;
+    if (tick_ms > 100)
+        tick_ms = 100;
+    if (tick_ms < 5)
+        tick_ms = 5;
+    return tick_ms / 1000.0;
+}
+
+int orch_load_templates(const struct itsd_config *cfg, struct templates **out, char *err,
+                        size_t err_len)
+{
+    const char *paths[PROTO_ROLE_COUNT];
+    for (int r = 0; r < PROTO_ROLE_COUNT; r++)
+        paths[r] = cfg->template_file[r][0] ? cfg->template_file[r] : NULL;
+    return templates_load(cfg->templates, paths, out, err, err_len);
+}
+
 /* ---- timers and signals ---------------------------------------------------------------------- */
 
 static void orch_on_tick(struct ev_loop *loop, ev_timer *w, int revents)
@@ -739,7 +779,7 @@ static void orch_on_drain_timeout(struct ev_loop *loop, ev_timer *w, int revents
     (void)revents;
     struct orch *o = w->data;
     ITSD_INFO("shutdown: %u requests still running after %u ms: ending them",
-              frontend_running(o->fe), o->cfg->shutdown_ms);
+              frontend_running(o->fe), o->cfg.shutdown_ms);
     frontend_finish_all(o->fe, PROTO_ERR_SHUTTING_DOWN,
                         "itsd shut down before the request finished");
     ev_break(loop, EVBREAK_ALL);
@@ -762,37 +802,203 @@ static void orch_on_signal(struct ev_loop *loop, ev_signal *w, int revents)
 #endif
     ITSD_INFO("%s: shutting down; %u requests running get up to %u ms",
               w->signum == SIGINT ? "SIGINT" : "SIGTERM", frontend_running(o->fe),
-              o->cfg->shutdown_ms);
+              o->cfg.shutdown_ms);
     frontend_stop_accepting(o->fe);
     if (frontend_running(o->fe) == 0) {
         ev_break(loop, EVBREAK_ALL);
         return;
     }
-    ev_timer_init(&o->drain, orch_on_drain_timeout, o->cfg->shutdown_ms / 1000.0, 0.0);
+    ev_timer_init(&o->drain, orch_on_drain_timeout, o->cfg.shutdown_ms / 1000.0, 0.0);
     o->drain.data = o;
     ev_timer_start(loop, &o->drain);
 }
 
-/* SIGHUP reloads what can change under a running daemon: the CURVE allow-lists. */
+/* ---- reload (SIGHUP) ------------------------------------------------------------------------ */
+
+#define ORCH_RELOAD_ERR_BYTES 16384 /* problem lines of one reload */
+#define ORCH_RELOAD_LIST_BYTES 4096 /* "[section] key, ..." lists */
+
+/* Logs each line of `text` as one error line, with `suffix` appended. Returns the count. */
+static int orch_log_problems(const char *text, const char *suffix)
+{
+    int n = 0;
+    for (const char *p = text; *p;) {
+        const char *nl = strchr(p, '\n');
+        size_t len = nl ? (size_t)(nl - p) : strlen(p);
+        if (len > 0) {
+            ITSD_ERROR("reload: %.*s%s", (int)len, p, suffix);
+            n++;
+        }
+        p += len + (nl ? 1 : 0);
+    }
+    return n;
+}
+
+/* Appends `item` to the ", "-separated list in buf. */
+static void orch_list_add(char *buf, size_t len, const char *item)
+{
+    size_t used = strnlen(buf, len - 1);
+    snprintf(buf + used, len - used, "%s%s", used ? ", " : "", item);
+}
+
+/* Tells systemd a reload began (systemd >= 253 wants the CLOCK_MONOTONIC time with it, and
+ * older ones ignore the field), or ended. */
+static void orch_notify_reload(bool begin)
+{
+#if ITS_HAVE_SYSTEMD
+    if (begin) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        sd_notifyf(0, "RELOADING=1\nMONOTONIC_USEC=%llu",
+                   (unsigned long long)ts.tv_sec * 1000000ull +
+                       (unsigned long long)ts.tv_nsec / 1000u);
+    } else {
+        sd_notify(0, "READY=1");
+    }
+#else
+    (void)begin;
+#endif
+}
+
+/* Reads the configuration again the way it was read at start (defaults, --config FILE, the
+ * flags of the command line over it), checks it and the templates and key lists it names as
+ * `itsd -t` would, and then either applies every reloadable key at once or nothing at all.
+ * Every fallible step (parsing, checks, loading templates and key lists, allocations) comes
+ * before the first change; what follows cannot fail. */
+static void orch_reload(struct orch *o)
+{
+    orch_notify_reload(true);
+    struct itsd_config *next = malloc(sizeof *next);
+    struct itsd_config *merged = malloc(sizeof *merged);
+    char *err = calloc(1, ORCH_RELOAD_ERR_BYTES);
+    char *changed = calloc(1, ORCH_RELOAD_LIST_BYTES);
+    char *restart = calloc(1, ORCH_RELOAD_LIST_BYTES);
+    struct templates *tpl = NULL;
+    struct zap_staged *keys = NULL;
+    const char *from = "(defaults and flags)";
+    int problems = 0;
+    if (!next || !merged || !err || !changed || !restart) {
+        ITSD_ERROR("reload: out of memory");
+        problems = 1;
+        goto refuse;
+    }
+    struct itsd_args args;
+    int bad = itsd_config_from_args(o->argc, o->argv, next, &args, err, ORCH_RELOAD_ERR_BYTES);
+    if (args.config_path)
+        from = args.config_path;
+    if (bad != 0) {
+        problems = orch_log_problems(err, "");
+        if (problems < -bad)
+            problems = -bad; /* lines lost to a full buffer still count */
+        goto refuse;
+    }
+    /* The daemon runs with the new live keys and the old restart-only ones: a rule spanning
+     * both kinds (curve and the key lists, say) must hold for that mixture too. */
+    *merged = o->cfg;
+    int n_changed = itsd_config_apply_reloadable(merged, next, changed, ORCH_RELOAD_LIST_BYTES,
+                                                 restart, ORCH_RELOAD_LIST_BYTES);
+    err[0] = '\0';
+    bad = itsd_config_check(merged, err, ORCH_RELOAD_ERR_BYTES);
+    if (bad != 0) {
+        problems = orch_log_problems(err, " (with the settings that need a restart kept as "
+                                          "they run)");
+        if (problems < -bad)
+            problems = -bad;
+        goto refuse;
+    }
+    err[0] = '\0';
+    if (orch_load_templates(merged, &tpl, err, ORCH_RELOAD_ERR_BYTES) != 0) {
+        ITSD_ERROR("reload: templates: %s", err);
+        problems = 1;
+        goto refuse;
+    }
+    err[0] = '\0';
+    if (o->zap && zap_reload_stage(o->zap, merged->client_keys, merged->worker_keys, &keys, err,
+                                   ORCH_RELOAD_ERR_BYTES) != 0) {
+        ITSD_ERROR("reload: %s", err);
+        problems = 1;
+        goto refuse;
+    }
+    /* which templates changed, said before the old ones may go */
+    const struct templates *old_tpl = frontend_templates(o->fe);
+    for (int r = 0; r < PROTO_ROLE_COUNT; r++) {
+        if (templates_same(old_tpl, tpl, (enum proto_role)r))
+            continue;
+        char item[64];
+        snprintf(item, sizeof item, "%s template", proto_role_name((enum proto_role)r));
+        orch_list_add(changed, ORCH_RELOAD_LIST_BYTES, item);
+        n_changed++;
+    }
+    if (frontend_set_templates(o->fe, &tpl) != 0) {
+        ITSD_ERROR("reload: out of memory");
+        problems = 1;
+        goto refuse;
+    }
+    /* ---- nothing below can fail ---- */
+    if (keys)
+        zap_reload_commit(o->zap, &keys);
+    bool tick_changed = orch_tick_s(&o->cfg) != orch_tick_s(merged);
+    int old_level = itsd_log_level;
+    o->cfg = *merged;
+    struct dispatch_config dc;
+    orch_dispatch_config(&o->cfg, &dc);
+    dispatch_reconfigure(o->d, &dc);
+    if (tick_changed) {
+        ev_timer_stop(o->loop, &o->tick);
+        ev_timer_set(&o->tick, orch_tick_s(&o->cfg), orch_tick_s(&o->cfg));
+        ev_timer_start(o->loop, &o->tick);
+    }
+    frontend_reconfigured(o->fe); /* may start queued requests: after everything is in place */
+    o->c.reloads++;
+    for (const char *p = restart; *p;) {
+        const char *nl = strchr(p, '\n');
+        size_t len = nl ? (size_t)(nl - p) : strlen(p);
+        if (len > 0)
+            ITSD_WARN("reload: %.*s", (int)len, p);
+        p += len + (nl ? 1 : 0);
+    }
+    /* said at the more talkative of the two levels, so that a reload that quiets the log
+     * still reports itself */
+    itsd_log_level = old_level > o->cfg.log_level ? old_level : o->cfg.log_level;
+    if (o->zap)
+        ITSD_INFO("SIGHUP: allow-lists reloaded: %zu client keys, %zu worker keys",
+                  zap_client_keys(o->zap), zap_worker_keys(o->zap));
+    ITSD_INFO("configuration reloaded from %s: %s%s; %u requests running, %u queued", from,
+              n_changed ? "changed " : "no change", changed, frontend_running(o->fe),
+              frontend_queued(o->fe));
+    itsd_log_level = o->cfg.log_level;
+    goto done;
+refuse:
+    o->c.refused_reloads++;
+    if (o->zap)
+        ITSD_ERROR("reload refused: %d problem%s, old configuration kept (keeping the old "
+                   "allow-lists: %zu client keys, %zu worker keys)",
+                   problems, problems == 1 ? "" : "s", zap_client_keys(o->zap),
+                   zap_worker_keys(o->zap));
+    else
+        ITSD_ERROR("reload refused: %d problem%s, old configuration kept", problems,
+                   problems == 1 ? "" : "s");
+done:
+    zap_staged_destroy(&keys);
+    templates_destroy(&tpl);
+    free(next);
+    free(merged);
+    free(err);
+    free(changed);
+    free(restart);
+    orch_notify_reload(false);
+}
+
 static void orch_on_hup(struct ev_loop *loop, ev_signal *w, int revents)
 {
     (void)loop;
     (void)revents;
     struct orch *o = w->data;
-    if (!o->zap) {
-        ITSD_WARN("SIGHUP: nothing to reload with curve off; restart itsd to apply a new "
-                  "configuration");
+    if (o->stopping) {
+        ITSD_WARN("SIGHUP while shutting down: not reloading");
         return;
     }
-    char err[1400];
-    if (zap_reload(o->zap, err, sizeof err) != 0) {
-        ITSD_ERROR("SIGHUP: keeping the old allow-lists (%zu client keys, %zu worker keys): %s",
-                   zap_client_keys(o->zap), zap_worker_keys(o->zap), err);
-        return;
-    }
-    ITSD_INFO("SIGHUP: allow-lists reloaded: %zu client keys, %zu worker keys (other settings "
-              "need a restart)",
-              zap_client_keys(o->zap), zap_worker_keys(o->zap));
+    orch_reload(o);
 }
 
 #if ITS_HAVE_SYSTEMD
@@ -827,13 +1033,13 @@ static void *orch_router(struct orch *o, const char *what, const uint8_t *secret
         return NULL;
     }
     int64_t maxmsg = PROTO_MAX_MESSAGE_BYTES;
-    int hwm = o->cfg->hwm > INT32_MAX ? INT32_MAX : (int)o->cfg->hwm;
+    int hwm = o->cfg.hwm > INT32_MAX ? INT32_MAX : (int)o->cfg.hwm;
     if (orch_setopt_int(s, ZMQ_ROUTER_MANDATORY, 1, what, err, err_len) != 0 ||
         /* a peer reconnecting under the same routing id (a restarted worker) takes over */
         orch_setopt_int(s, ZMQ_ROUTER_HANDOVER, 1, what, err, err_len) != 0 ||
         orch_setopt_int(s, ZMQ_SNDHWM, hwm, what, err, err_len) != 0 ||
         orch_setopt_int(s, ZMQ_RCVHWM, hwm, what, err, err_len) != 0 ||
-        orch_setopt_int(s, ZMQ_LINGER, (int)o->cfg->linger_ms, what, err, err_len) != 0) {
+        orch_setopt_int(s, ZMQ_LINGER, (int)o->cfg.linger_ms, what, err, err_len) != 0) {
         zmq_close(s);
         return NULL;
     }
@@ -858,8 +1064,8 @@ static void *orch_router(struct orch *o, const char *what, const uint8_t *secret
     return s;
 }
 
-int orch_new(const struct itsd_config *cfg, const struct templates *tpl, struct orch **out,
-             char *err, size_t err_len)
+int orch_new(const struct itsd_config *config, struct templates **tpl, int argc, char **argv,
+             struct orch **out, char *err, size_t err_len)
 {
     *out = NULL;
     struct orch *o = calloc(1, sizeof *o);
@@ -867,8 +1073,10 @@ int orch_new(const struct itsd_config *cfg, const struct templates *tpl, struct 
         snprintf(err, err_len, "out of memory");
         return PROTO_ERR_NO_MEMORY;
     }
-    o->cfg = cfg;
-    o->tpl = tpl;
+    o->cfg = *config;
+    o->argc = argc;
+    o->argv = argv;
+    const struct itsd_config *cfg = &o->cfg;
     int rc = PROTO_ERR_INTERNAL;
     o->loop = ev_default_loop(EVFLAG_AUTO);
     if (!o->loop) {
@@ -941,14 +1149,8 @@ int orch_new(const struct itsd_config *cfg, const struct templates *tpl, struct 
         snprintf(err, err_len, "backend %s: bind: %s", cfg->backend, zmq_strerror(errno));
         goto fail;
     }
-    struct dispatch_config dc = {
-        .heartbeat_ms = cfg->heartbeat_ms,
-        .liveness = cfg->liveness,
-        .job_retries = cfg->job_retries,
-        .no_worker_grace_ms = cfg->no_worker_grace_ms,
-        .max_queued_jobs = cfg->max_queued_jobs,
-        .max_workers = cfg->max_workers,
-    };
+    struct dispatch_config dc;
+    orch_dispatch_config(cfg, &dc);
     struct dispatch_ops dops = {.send = orch_dispatch_send, .job_failed = orch_dispatch_job_failed};
     rc = dispatch_new(&dc, &dops, o, &o->d);
     if (rc != 0) {
@@ -982,14 +1184,8 @@ int orch_new(const struct itsd_config *cfg, const struct templates *tpl, struct 
         evzmq_add(o->ez, o->front, orch_on_frontend, o, err, err_len) != 0 ||
         evzmq_add(o->ez, o->back, orch_on_backend, o, err, err_len) != 0)
         goto fail;
-    /* Housekeeping often enough for heartbeats, liveness and the grace period to be kept to
-     * within a fraction of their own length. */
-    uint32_t tick_ms = cfg->heartbeat_ms / 2;
-    if (tick_ms > 100)
-        tick_ms = 100;
-    if (tick_ms < 5)
-        tick_ms = 5;
-    ev_timer_init(&o->tick, orch_on_tick, tick_ms / 1000.0, tick_ms / 1000.0);
+    double tick_s = orch_tick_s(cfg);
+    ev_timer_init(&o->tick, orch_on_tick, tick_s, tick_s);
     o->tick.data = o;
     ev_timer_start(o->loop, &o->tick);
     ev_signal_init(&o->sig_term, orch_on_signal, SIGTERM);
@@ -1010,8 +1206,8 @@ fail:
 
 int orch_run(struct orch *o)
 {
-    ITSD_INFO("serving: frontend %s, backend %s, heartbeat %u ms x %u", o->cfg->frontend,
-              o->cfg->backend, o->cfg->heartbeat_ms, o->cfg->liveness);
+    ITSD_INFO("serving: frontend %s, backend %s, heartbeat %u ms x %u", o->cfg.frontend,
+              o->cfg.backend, o->cfg.heartbeat_ms, o->cfg.liveness);
 #if ITS_HAVE_SYSTEMD
     sd_notify(0, "READY=1");
     uint64_t usec = 0;
@@ -1032,7 +1228,7 @@ int orch_run(struct orch *o)
     ITSD_INFO("stopped: requests %llu accepted, %llu completed, %llu failed, %llu cancelled, "
               "%llu rejected; jobs %llu started, %llu retried, %llu failed; workers %llu "
               "registered, %llu lost; frames %llu/%llu bad from clients, %llu/%llu bad from "
-              "workers; sends %llu unroutable, %llu dropped",
+              "workers; sends %llu unroutable, %llu dropped; reloads %llu applied, %llu refused",
               (unsigned long long)fc->accepted, (unsigned long long)fc->completed,
               (unsigned long long)fc->failed, (unsigned long long)fc->cancelled,
               (unsigned long long)fc->rejected, (unsigned long long)dc->jobs_started,
@@ -1041,12 +1237,13 @@ int orch_run(struct orch *o)
               (unsigned long long)o->c.bad_client_frames, (unsigned long long)o->c.client_frames,
               (unsigned long long)(o->c.bad_worker_frames + o->c.unregistered_worker_frames),
               (unsigned long long)o->c.worker_frames, (unsigned long long)o->c.unroutable_sends,
-              (unsigned long long)o->c.dropped_sends);
+              (unsigned long long)o->c.dropped_sends, (unsigned long long)o->c.reloads,
+              (unsigned long long)o->c.refused_reloads);
     if (o->zap) {
         const struct zap_counters *zc = zap_counters(o->zap);
         ITSD_INFO("security: handshakes %llu accepted, %llu refused (%llu refusal lines held "
                   "back), %llu malformed; %llu frames of revoked keys; %llu submits over "
-                  "max_requests_per_client; reloads %llu, %llu failed",
+                  "max_requests_per_client; allow-list reloads %llu, %llu failed",
                   (unsigned long long)zc->accepted, (unsigned long long)zc->refused,
                   (unsigned long long)zc->refusals_suppressed,
                   (unsigned long long)zc->malformed, (unsigned long long)o->c.revoked_frames,

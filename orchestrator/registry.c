@@ -24,6 +24,11 @@ int registry_new(uint32_t max_workers, struct registry **out)
     return 0;
 }
 
+void registry_set_max_workers(struct registry *r, uint32_t max_workers)
+{
+    r->max_workers = max_workers;
+}
+
 static void registry_worker_free(struct registry_worker *w)
 {
     if (!w)

@@ -40,6 +40,10 @@ struct registry;
  * PROTO_ERR_NO_MEMORY. */
 int registry_new(uint32_t max_workers, struct registry **out);
 
+/* Changes the cap (a reload): workers already registered beyond it stay; registry_add refuses
+ * until they are fewer. */
+void registry_set_max_workers(struct registry *r, uint32_t max_workers);
+
 /* Frees every record. NULL-safe; clears *r. */
 void registry_destroy(struct registry **r);
 

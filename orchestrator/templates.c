@@ -489,6 +489,25 @@ const char *templates_path(const struct templates *t, enum proto_role role)
     return t->role[role].path ? t->role[role].path : "?";
 }
 
+bool templates_same(const struct templates *a, const struct templates *b, enum proto_role role)
+{
+    if (!a || !b || (unsigned)role >= PROTO_ROLE_COUNT)
+        return false;
+    const struct templates_file *fa = &a->role[role], *fb = &b->role[role];
+    if (!fa->path || !fb->path || strcmp(fa->path, fb->path) != 0 ||
+        fa->n_sections != fb->n_sections)
+        return false;
+    for (uint32_t i = 0; i < fa->n_sections; i++) {
+        const struct templates_section *x = &fa->sections[i], *y = &fb->sections[i];
+        /* the line matters too: render errors name it */
+        if (x->kind != y->kind || x->line != y->line || x->len != y->len ||
+            (x->text == NULL) != (y->text == NULL) ||
+            (x->text && memcmp(x->text, y->text, x->len) != 0))
+            return false;
+    }
+    return true;
+}
+
 /* ---- rendering ------------------------------------------------------------------------------- */
 
 struct templates_values {

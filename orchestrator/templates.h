@@ -31,6 +31,7 @@
 #ifndef ITS_TEMPLATES_H
 #define ITS_TEMPLATES_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -55,6 +56,10 @@ void templates_destroy(struct templates **t);
 
 /* The path a role's template was read from (owned by t). */
 const char *templates_path(const struct templates *t, enum proto_role role);
+
+/* Whether role `role` has the same template in a and b: read from the same path, with the
+ * same sections and text (what a reload compares to say which templates changed). */
+bool templates_same(const struct templates *a, const struct templates *b, enum proto_role role);
 
 /* Renders the message list of one job of `role`.
  *   conversation  the user's conversation (n_conversation >= 1 messages, with at least one

@@ -424,20 +424,70 @@ out:
         zmq_msg_close(&f[i]);
 }
 
-int zap_reload(struct zap *z, char *err, size_t err_len)
+/* Lists loaded for a reload, with the paths they came from, not yet in use. */
+struct zap_staged {
+    char *client_path, *worker_path;
+    struct zap_list *clients, *workers;
+};
+
+void zap_staged_destroy(struct zap_staged **sp)
 {
-    struct zap_list *clients = NULL, *workers = NULL;
-    if (zap_load_both(z->client_path, z->worker_path, &clients, &workers, err, err_len) != 0) {
-        z->c.failed_reloads++;
-        return -1;
+    if (!sp || !*sp)
+        return;
+    struct zap_staged *st = *sp;
+    free(st->client_path);
+    free(st->worker_path);
+    zap_list_destroy(&st->clients);
+    zap_list_destroy(&st->workers);
+    free(st);
+    *sp = NULL;
+}
+
+int zap_reload_stage(struct zap *z, const char *client_keys, const char *worker_keys,
+                     struct zap_staged **out, char *err, size_t err_len)
+{
+    *out = NULL;
+    struct zap_staged *st = calloc(1, sizeof *st);
+    if (!st || !(st->client_path = strdup(client_keys)) ||
+        !(st->worker_path = strdup(worker_keys))) {
+        snprintf(err, err_len, "out of memory");
+        goto fail;
     }
+    if (zap_load_both(st->client_path, st->worker_path, &st->clients, &st->workers, err,
+                      err_len) != 0)
+        goto fail;
+    *out = st;
+    return 0;
+fail:
+    zap_staged_destroy(&st);
+    z->c.failed_reloads++;
+    return -1;
+}
+
+void zap_reload_commit(struct zap *z, struct zap_staged **sp)
+{
+    struct zap_staged *st = *sp;
+    *sp = NULL;
     zap_list_destroy(&z->clients);
     zap_list_destroy(&z->workers);
-    z->clients = clients;
-    z->workers = workers;
+    free(z->client_path);
+    free(z->worker_path);
+    z->clients = st->clients;
+    z->workers = st->workers;
+    z->client_path = st->client_path; /* what the next reload reads */
+    z->worker_path = st->worker_path;
+    free(st);
     z->c.reloads++;
     /* a key just added must not stay muted by an old refusal */
     memset(z->recent, 0, sizeof z->recent);
+}
+
+int zap_reload(struct zap *z, char *err, size_t err_len)
+{
+    struct zap_staged *st = NULL;
+    if (zap_reload_stage(z, z->client_path, z->worker_path, &st, err, err_len) != 0)
+        return -1;
+    zap_reload_commit(z, &st);
     return 0;
 }
 

@@ -75,6 +75,18 @@ void zap_on_request(void *z);
  * the old lists stay and err says why. Returns 0, or -1. */
 int zap_reload(struct zap *z, char *err, size_t err_len);
 
+/* zap_reload in two steps, so that a caller can make it part of a larger all-or-nothing
+ * change: zap_reload_stage loads both lists from the given paths (copied) without touching
+ * the ones in use (0 with *out set, or -1 with err naming the list file; a failure counts
+ * as a failed reload); zap_reload_commit then puts them in use (it cannot fail, takes *staged
+ * and clears it), and later reloads read the new paths. zap_staged_destroy drops staged
+ * lists instead (NULL-safe, clears *staged). */
+struct zap_staged;
+int zap_reload_stage(struct zap *z, const char *client_keys, const char *worker_keys,
+                     struct zap_staged **out, char *err, size_t err_len);
+void zap_reload_commit(struct zap *z, struct zap_staged **staged);
+void zap_staged_destroy(struct zap_staged **staged);
+
 /* Whether `name` (a ZAP user id given out earlier) is still in the client (workers = false)
  * or worker list: after a reload removed a key, its open connections are still there, and
  * their messages must be refused from then on. */

@@ -3,7 +3,9 @@
  * DEALER sockets speaking the protocol (proto_encode / proto_decode). No model is involved,
  * so every scenario is fast and deterministic: registration and status, a whole request and
  * its result tree, pipelining, a worker that stops heartbeating, a role that disappears,
- * deadlines, cancel, a client that vanishes, busy, malformed frames, and `itsd -t`.
+ * deadlines, cancel, a client that vanishes, busy, malformed frames, `itsd -t`, and SIGHUP
+ * reloads (live keys applied, bad files refused whole, restart-only keys kept, running
+ * requests finishing with the settings and templates they started with).
  *
  * Each test is bounded in time (Criterion .timeout) and kills the daemon on failure (the
  * suite's fini, and PR_SET_PDEATHSIG should the test process die).
@@ -19,7 +21,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -86,6 +90,8 @@ static void write_templates(const char *dir)
     write_file(dir, "select.tmpl", "@user\n{prompt}\n@assistant\n{response}\n");
 }
 
+static void daemon_exec(char **argv);
+
 /* Splits `extra` on spaces into argv after the fixed arguments. */
 static void daemon_start(const char *extra)
 {
@@ -117,6 +123,13 @@ static void daemon_start(const char *extra)
          tok = strtok_r(NULL, " ", &save))
         argv[argc++] = tok;
     argv[argc] = NULL;
+    daemon_exec(argv);
+}
+
+/* Starts argv (argv[0] = the itsd binary) with stderr to g_log; returns once it has bound
+ * g_front and g_back (ipc sockets in g_dir). */
+static void daemon_exec(char **argv)
+{
     char bin[PATH_BYTES];
     snprintf(bin, sizeof bin, "%s", argv[0]);
     argv[0] = bin;
@@ -1498,4 +1511,379 @@ Test(itsd, idmap_keeps_every_key_under_churn)
     cr_assert_eq(idmap_put(m, 0, &vals[0]), -1);
     idmap_destroy(&m);
     cr_assert_null(m);
+}
+
+/* ---- SIGHUP: reloading the configuration ----------------------------------------------------- */
+
+/* Occurrences of `text` in the daemon's log. */
+static int log_count(const char *text)
+{
+    char *all = tu_read_file(g_log, NULL);
+    int n = 0;
+    for (const char *p = all ? strstr(all, text) : NULL; p; p = strstr(p + 1, text))
+        n++;
+    free(all);
+    return n;
+}
+
+/* Writes g_dir/itsd.conf: the daemon's sockets, templates and heartbeats, log_level, then
+ * `rest` (more sections, as INI text). */
+static void write_conf(const char *log_level, const char *rest)
+{
+    char text[8192];
+    snprintf(text, sizeof text,
+             "[itsd]\nfrontend = %s\nbackend = %s\ntemplates = tpl\nheartbeat_ms = %d\n"
+             "liveness = 3\nshutdown_ms = 1000\nlog_level = %s\n%s",
+             g_front, g_back, HB_MS, log_level, rest);
+    write_file(g_dir, "itsd.conf", text);
+}
+
+/* Starts itsd with --config g_dir/itsd.conf and nothing else, so that every setting comes from
+ * the file a reload reads again. */
+static void daemon_start_conf(void)
+{
+    char tpl[PATH_BYTES], conf[PATH_BYTES];
+    snprintf(tpl, sizeof tpl, "%s/tpl", g_dir);
+    write_templates(tpl);
+    snprintf(conf, sizeof conf, "%s/itsd.conf", g_dir);
+    char *argv[] = {(char *)tu_build("bin/itsd"), "--config", conf, NULL};
+    daemon_exec(argv);
+}
+
+/* SIGHUP, and waits (serving the fake cluster meanwhile) for the daemon to say how it ended.
+ * Returns true when the configuration was applied, false when it was refused. */
+static bool reload(void)
+{
+    int ok = log_count("configuration reloaded from"), refused = log_count("reload refused");
+    kill(g_pid, SIGHUP);
+    PUMP_UNTIL(log_count("configuration reloaded from") > ok ||
+                   log_count("reload refused") > refused,
+               5000);
+    bool applied = log_count("configuration reloaded from") > ok;
+    cr_assert(applied || log_count("reload refused") > refused,
+              "no reload line within 5 s of SIGHUP: %s", log_tail());
+    return applied;
+}
+
+/* A submit with no settings of its own: the daemon's [pipeline] defaults apply. */
+static char *submit_defaults(uint64_t tag)
+{
+    struct proto_msg m = {.type = PROTO_SUBMIT};
+    m.submit = (struct proto_submit){.tag = tag, .messages = g_question, .n_messages = 1};
+    send_msg(g_client, &m);
+    struct proto_msg a = expect(PROTO_ACCEPTED, 3000);
+    cr_assert_eq(a.accepted.tag, tag);
+    char *id = strdup(a.accepted.id);
+    proto_msg_free(&a);
+    return id;
+}
+
+/* Sends a default submit and returns the error code it got (0: accepted; the id is freed). */
+static int submit_code(uint64_t tag)
+{
+    struct proto_msg m = {.type = PROTO_SUBMIT};
+    m.submit = (struct proto_submit){.tag = tag, .messages = g_question, .n_messages = 1};
+    send_msg(g_client, &m);
+    PUMP_UNTIL(inbox_find(PROTO_ACCEPTED) >= 0 || inbox_find(PROTO_ERROR) >= 0, 3000);
+    if (inbox_find(PROTO_ACCEPTED) >= 0) {
+        struct proto_msg a = expect(PROTO_ACCEPTED, 0);
+        cr_assert_eq(a.accepted.tag, tag);
+        proto_msg_free(&a);
+        return 0;
+    }
+    struct proto_msg e = expect(PROTO_ERROR, 3000);
+    cr_assert(e.error.has_tag && e.error.tag == tag);
+    int code = e.error.code;
+    proto_msg_free(&e);
+    return code;
+}
+
+Test(itsd, reload_applies_log_level_and_limits)
+{
+    write_conf("debug", "[limits]\nmax_inflight = 1\nmax_queued = 0\n");
+    daemon_start_conf();
+    g_client = sock_new(g_front, NULL);
+    pump(100);
+    /* no worker: the first request runs (its draft waits), the queue holds none */
+    cr_assert_eq(submit_code(1), 0);
+    cr_assert_eq(submit_code(2), PROTO_ERR_BUSY, "max_queued 0 took a second request");
+    int traced = log_count("client message status");
+    struct proto_msg st = status(3);
+    proto_msg_free(&st);
+    PUMP_UNTIL(log_count("client message status") > traced, 2000);
+    cr_assert_gt(log_count("client message status"), traced, "log_level debug does not trace");
+
+    write_conf("info", "[limits]\nmax_inflight = 1\nmax_queued = 1\n");
+    cr_assert(reload(), "%s", log_tail());
+    cr_assert_eq(log_count("changed [itsd] log_level, [limits] max_queued;"), 1, "%s",
+                 log_tail());
+    cr_assert_eq(submit_code(4), 0, "max_queued 1 after the reload still refused a request");
+    cr_assert_eq(submit_code(5), PROTO_ERR_BUSY);
+    st = status(6);
+    cr_assert_eq(st.status_reply.in_flight, 1, "the running request was dropped");
+    cr_assert_eq(st.status_reply.queue_depth, 1);
+    proto_msg_free(&st);
+    traced = log_count("client message status");
+    st = status(7);
+    proto_msg_free(&st);
+    pump(100);
+    cr_assert_eq(log_count("client message status"), traced, "log_level info still traces");
+
+    /* the same file again: nothing changes, and the log says so */
+    cr_assert(reload());
+    cr_assert_eq(log_count("no change;"), 1, "%s", log_tail());
+    daemon_stop();
+}
+
+/* The role a template's last user message names: what a feedback job was rendered with. */
+static const char *last_user(const struct proto_msg *job)
+{
+    const struct proto_generate *g = &job->generate;
+    for (uint32_t i = g->n_messages; i-- > 0;)
+        if (g->messages[i].role == PROTO_CHAT_USER)
+            return g->messages[i].content;
+    return "";
+}
+
+Test(itsd, reload_keeps_running_requests_on_their_settings_and_templates)
+{
+    write_conf("debug", "[limits]\nmax_inflight = 1\n[pipeline]\ndrafts = 2\nfeedbacks = 1\n"
+                        "edits = 1\n");
+    daemon_start_conf();
+    g_client = sock_new(g_front, NULL);
+    full_cluster();
+    struct worker *inst = &g_w[0], *fb = &g_w[1];
+    inst->manual = true; /* drafts wait until the test answers them */
+    pump(200);
+    char *a = submit_defaults(1); /* runs: 2 drafts */
+    char *b = submit_defaults(2); /* queued behind it */
+    PUMP_UNTIL(inst->n_jobs == 1, 3000);
+    cr_assert_eq(inst->n_jobs, 1);
+    cr_assert_eq(inst->jobs[0].generate.n, 2);
+
+    /* new defaults and a new feedback template while `a` runs and `b` waits */
+    write_conf("debug", "[limits]\nmax_inflight = 1\n[pipeline]\ndrafts = 3\nfeedbacks = 1\n"
+                        "edits = 1\n");
+    char tpl[PATH_BYTES];
+    snprintf(tpl, sizeof tpl, "%s/tpl", g_dir);
+    write_file(tpl, "feedback.tmpl",
+               "@conversation\n@assistant\n{response}\n@user\nCritique it, reloaded.\n");
+    cr_assert(reload(), "%s", log_tail());
+    cr_assert_eq(log_count("changed [pipeline] drafts, feedback template;"), 1, "%s",
+                 log_tail());
+    cr_assert_eq(log_count("no running request uses them any more"), 0,
+                 "the templates of a running request were freed: %s", log_tail());
+
+    /* `a` goes on with what it started with */
+    inst->manual = false;
+    worker_answer(inst, &inst->jobs[0]);
+    struct proto_msg ra = expect(PROTO_RESULT, 10000);
+    cr_assert_str_eq(ra.result.id, a, "the first result is not the running request's");
+    check_result(&ra.result, a, 2);
+    proto_msg_free(&ra);
+    cr_assert_geq(fb->n_jobs, 2);
+    for (int i = 0; i < 2; i++)
+        cr_assert_str_eq(last_user(&fb->jobs[i]), "Evaluate the response.",
+                         "feedback job %d of the request started before the reload used the "
+                         "new template",
+                         i);
+    /* `b`, queued across the reload, starts with the new defaults and templates */
+    struct proto_msg rb = expect(PROTO_RESULT, 10000);
+    check_result(&rb.result, b, 3);
+    proto_msg_free(&rb);
+    cr_assert_eq(inst->n_jobs, 2);
+    cr_assert_eq(inst->jobs[1].generate.n, 3, "the queued request kept the old drafts");
+    cr_assert_eq(fb->n_jobs, 5);
+    for (int i = 2; i < 5; i++)
+        cr_assert_str_eq(last_user(&fb->jobs[i]), "Critique it, reloaded.");
+    /* the replaced templates went with the last request that used them */
+    cr_assert_eq(log_count("no running request uses them any more"), 1, "%s", log_tail());
+    free(a);
+    free(b);
+    daemon_stop();
+}
+
+Test(itsd, reload_refuses_a_bad_configuration_whole)
+{
+    write_conf("info", "[limits]\nmax_inflight = 1\nmax_queued = 0\n");
+    daemon_start_conf();
+    g_client = sock_new(g_front, NULL);
+    pump(100);
+    cr_assert_eq(submit_code(1), 0);
+    cr_assert_eq(submit_code(2), PROTO_ERR_BUSY);
+
+    /* a good change beside a bad value: neither applies */
+    write_conf("info", "[limits]\nmax_inflight = 1\nmax_queued = 5\n" /* lines 9-11 */
+                       "[pipeline]\ndrafts = many\n");              /* line 13 */
+    cr_assert(!reload(), "a bad file was applied: %s", log_tail());
+    cr_assert_eq(log_count("itsd.conf:13: [pipeline] drafts"), 1, "%s", log_tail());
+    cr_assert_eq(log_count("reload refused: 1 problem, old configuration kept"), 1, "%s",
+                 log_tail());
+    cr_assert_eq(submit_code(3), PROTO_ERR_BUSY, "max_queued changed by a refused reload");
+
+    /* a good file with a broken template: refused too */
+    write_conf("info", "[limits]\nmax_inflight = 1\nmax_queued = 5\n");
+    char tpl[PATH_BYTES];
+    snprintf(tpl, sizeof tpl, "%s/tpl", g_dir);
+    write_file(tpl, "edit.tmpl", "@conversation\n@user\n{response} but no feedback\n");
+    cr_assert(!reload(), "a broken template was applied: %s", log_tail());
+    cr_assert_eq(log_count("reload: templates:"), 1, "%s", log_tail());
+    cr_assert_eq(log_count("edit.tmpl"), 1, "the template problem is not named: %s",
+                 log_tail());
+    cr_assert_eq(submit_code(4), PROTO_ERR_BUSY);
+
+    /* fixed: applied, and the request accepted before every reload is still running */
+    write_templates(tpl);
+    cr_assert(reload(), "%s", log_tail());
+    cr_assert_eq(submit_code(5), 0);
+    struct proto_msg st = status(6);
+    cr_assert_eq(st.status_reply.in_flight, 1);
+    cr_assert_eq(st.status_reply.queue_depth, 1);
+    proto_msg_free(&st);
+    daemon_stop();
+}
+
+Test(itsd, reload_warns_about_restart_only_keys_and_keeps_them)
+{
+    write_conf("info", "[limits]\nmax_queued = 0\nmax_inflight = 1\n");
+    daemon_start_conf();
+    g_client = sock_new(g_front, NULL);
+    pump(100);
+    cr_assert_eq(submit_code(1), 0);
+    cr_assert_eq(submit_code(2), PROTO_ERR_BUSY);
+    /* a new frontend endpoint and hwm need a restart; max_queued does not */
+    char moved[PATH_BYTES], rest[3000];
+    snprintf(moved, sizeof moved, "ipc://%s/moved.sock", g_dir);
+    snprintf(rest, sizeof rest, "[limits]\nmax_queued = 2\nmax_inflight = 1\n");
+    char text[8192];
+    snprintf(text, sizeof text,
+             "[itsd]\nfrontend = %s\nbackend = %s\ntemplates = tpl\nheartbeat_ms = %d\n"
+             "liveness = 3\nshutdown_ms = 1000\nlog_level = info\nhwm = 77\n%s",
+             moved, g_back, HB_MS, rest);
+    write_file(g_dir, "itsd.conf", text);
+    cr_assert(reload(), "%s", log_tail());
+    char want[2 * PATH_BYTES + 100];
+    snprintf(want, sizeof want, "reload: [itsd] frontend = %s needs a restart; it stays %s",
+             moved, g_front);
+    cr_assert_eq(log_count(want), 1, "%s", log_tail());
+    cr_assert_eq(log_count("reload: [itsd] hwm = 77 needs a restart; it stays 10000"), 1, "%s",
+                 log_tail());
+    cr_assert_eq(log_count("changed [limits] max_queued;"), 1, "%s", log_tail());
+    /* the old endpoint still serves, the new one was never bound, max_queued applies */
+    cr_assert_eq(submit_code(3), 0, "max_queued 2 did not apply");
+    char moved_path[PATH_BYTES];
+    snprintf(moved_path, sizeof moved_path, "%s/moved.sock", g_dir);
+    struct stat sb;
+    cr_assert_neq(stat(moved_path, &sb), 0, "a reload bound the new frontend endpoint");
+    struct proto_msg st = status(4);
+    cr_assert_eq(st.status_reply.in_flight, 1);
+    proto_msg_free(&st);
+    daemon_stop();
+}
+
+Test(itsd, reload_below_the_running_count_starts_nothing_until_under)
+{
+    write_conf("info", "[limits]\nmax_inflight = 2\nmax_queued = 4\n[pipeline]\ndrafts = 1\n"
+                       "feedbacks = 1\nedits = 1\n");
+    daemon_start_conf();
+    g_client = sock_new(g_front, NULL);
+    full_cluster();
+    struct worker *inst = &g_w[0];
+    inst->manual = true;
+    pump(200);
+    char *a = submit_defaults(1), *b = submit_defaults(2);
+    PUMP_UNTIL(inst->n_jobs == 2, 3000);
+    write_conf("info", "[limits]\nmax_inflight = 1\nmax_queued = 4\n[pipeline]\ndrafts = 1\n"
+                       "feedbacks = 1\nedits = 1\n");
+    cr_assert(reload(), "%s", log_tail());
+    char *c = submit_defaults(3);
+    struct proto_msg st = status(4);
+    cr_assert_eq(st.status_reply.in_flight, 2, "a running request was dropped by the reload");
+    cr_assert_eq(st.status_reply.queue_depth, 1);
+    proto_msg_free(&st);
+    /* one finishes: still one running, at the new limit, so `c` waits */
+    worker_answer(inst, &inst->jobs[0]);
+    struct proto_msg r = expect(PROTO_RESULT, 10000);
+    cr_assert_str_eq(r.result.id, a);
+    proto_msg_free(&r);
+    st = status(5);
+    cr_assert_eq(st.status_reply.in_flight, 1);
+    cr_assert_eq(st.status_reply.queue_depth, 1, "a request started over max_inflight");
+    proto_msg_free(&st);
+    cr_assert_eq(inst->n_jobs, 2);
+    /* the other finishes: `c` starts */
+    inst->manual = false;
+    worker_answer(inst, &inst->jobs[1]);
+    r = expect(PROTO_RESULT, 10000);
+    cr_assert_str_eq(r.result.id, b);
+    proto_msg_free(&r);
+    r = expect(PROTO_RESULT, 10000);
+    cr_assert_str_eq(r.result.id, c);
+    proto_msg_free(&r);
+    free(a);
+    free(b);
+    free(c);
+    daemon_stop();
+}
+
+/* Reads every datagram waiting on `fd` into buf (NUL-separated messages appended). */
+static void notify_drain(int fd, char *buf, size_t len)
+{
+    for (;;) {
+        size_t used = strlen(buf);
+        if (used + 2 >= len)
+            return;
+        ssize_t n = recv(fd, buf + used, len - used - 2, MSG_DONTWAIT);
+        if (n <= 0)
+            return;
+        buf[used + (size_t)n] = '\n';
+        buf[used + (size_t)n + 1] = '\0';
+    }
+}
+
+Test(itsd, reload_tells_systemd_reloading_then_ready)
+{
+    char sock_path[PATH_BYTES];
+    snprintf(sock_path, sizeof sock_path, "%s/notify.sock", g_dir);
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    cr_assert_geq(fd, 0);
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    cr_assert_lt(strlen(sock_path), sizeof sa.sun_path, "scratch path too long for a socket");
+    memcpy(sa.sun_path, sock_path, strlen(sock_path) + 1);
+    cr_assert_eq(bind(fd, (struct sockaddr *)&sa, sizeof sa), 0, "bind: %s", strerror(errno));
+    write_conf("info", "[limits]\nmax_queued = 3\n");
+    setenv("NOTIFY_SOCKET", sock_path, 1);
+    daemon_start_conf();
+    unsetenv("NOTIFY_SOCKET");
+    static char got[8192];
+    got[0] = '\0';
+    uint64_t end = now_ms() + 3000;
+    while (!strstr(got, "READY=1") && now_ms() < end) {
+        notify_drain(fd, got, sizeof got);
+        usleep(5000);
+    }
+    if (!strstr(got, "READY=1")) {
+        close(fd);
+        daemon_stop();
+        cr_skip_test("itsd sent no READY=1: built without libsystemd");
+    }
+    got[0] = '\0';
+    write_conf("info", "[limits]\nmax_queued = 4\n");
+    cr_assert(reload(), "%s", log_tail());
+    end = now_ms() + 3000;
+    while (!strstr(got, "READY=1") && now_ms() < end) {
+        notify_drain(fd, got, sizeof got);
+        usleep(5000);
+    }
+    close(fd);
+    const char *reloading = strstr(got, "RELOADING=1\nMONOTONIC_USEC=");
+    cr_assert_not_null(reloading, "no RELOADING=1 with MONOTONIC_USEC: '%s'", got);
+    const char *ready = strstr(got, "READY=1");
+    cr_assert(ready && ready > reloading, "no READY=1 after RELOADING=1: '%s'", got);
+    /* MONOTONIC_USEC is CLOCK_MONOTONIC in microseconds, taken during the reload */
+    unsigned long long usec = strtoull(reloading + strlen("RELOADING=1\nMONOTONIC_USEC="), NULL,
+                                       10);
+    cr_assert_gt(usec, 0ull);
+    cr_assert_leq(usec, now_ms() * 1000ull, "MONOTONIC_USEC %llu is in the future", usec);
+    daemon_stop();
 }
