@@ -2,6 +2,7 @@
 #include "hfref.h"
 
 #include <criterion/criterion.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -49,4 +50,28 @@ int32_t *hfref_ids(const json_t *arr, int *n)
     for (int i = 0; i < *n; i++)
         ids[i] = (int32_t)json_integer_value(json_array_get(arr, (size_t)i));
     return ids;
+}
+
+double hfref_max_abs(const float *a, int n)
+{
+    double m = 0;
+    for (int i = 0; i < n; i++)
+        m = fabs((double)a[i]) > m ? fabs((double)a[i]) : m;
+    return m;
+}
+
+void hfref_expect_close(const float *got, const float *want, int n, double rel_tol,
+                        const char *what)
+{
+    double tol = rel_tol * hfref_max_abs(want, n), worst = 0;
+    int at = 0;
+    for (int i = 0; i < n; i++) {
+        double d = fabs((double)got[i] - (double)want[i]);
+        if (!(d <= worst)) {
+            worst = d;
+            at = i;
+        }
+    }
+    cr_expect(worst <= tol, "%s: max |diff| %g at id %d (got %g, want %g) > tol %g", what,
+              worst, at, (double)got[at], (double)want[at], tol);
 }

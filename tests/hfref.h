@@ -31,4 +31,12 @@ json_t *hfref_cases(const struct hfref *r, const char *kind);
 /* A JSON array of integers as a heap int32 array (one spare slot); *n gets its length. */
 int32_t *hfref_ids(const json_t *arr, int *n);
 
+/* max |a[i]| over n floats. */
+double hfref_max_abs(const float *a, int n);
+
+/* Expects max |got - want| <= rel_tol * max |want| over n values (NaN fails), naming `what`,
+ * the worst id and both values when it does not hold. */
+void hfref_expect_close(const float *got, const float *want, int n, double rel_tol,
+                        const char *what);
+
 #endif

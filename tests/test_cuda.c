@@ -78,30 +78,6 @@ static const float *ref_last_logits(const struct hfref *r, int c)
     return r->last + off / sizeof(float);
 }
 
-static double max_abs(const float *a, int n)
-{
-    double m = 0;
-    for (int i = 0; i < n; i++)
-        m = fabs((double)a[i]) > m ? fabs((double)a[i]) : m;
-    return m;
-}
-
-/* max|got - want| <= CUDA_TOL * max|want|; NaN fails. */
-static void expect_close(const float *got, const float *want, int n, const char *what)
-{
-    double tol = CUDA_TOL * max_abs(want, n), worst = 0;
-    int at = 0;
-    for (int i = 0; i < n; i++) {
-        double d = fabs((double)got[i] - (double)want[i]);
-        if (!(d <= worst)) {
-            worst = d;
-            at = i;
-        }
-    }
-    cr_expect(worst <= tol, "%s: max |diff| %g at id %d (got %g, want %g) > tol %g", what,
-              worst, at, (double)got[at], (double)want[at], tol);
-}
-
 static int argmax(const float *row, int n, float *gap)
 {
     int best = 0, second = -1;
@@ -212,9 +188,9 @@ static void check_prefill(const char *model)
         float *g = run_alone(&r, gpu, ids, n, FWD_LAST, 0);
         float *h = run_alone(&r, cpu, ids, n, FWD_LAST, 0);
         snprintf(what, sizeof what, "%s case %d (%d tokens): cuda vs HF", model, c, n);
-        expect_close(g, ref_last_logits(&r, c), V, what);
+        hfref_expect_close(g, ref_last_logits(&r, c), V, CUDA_TOL, what);
         snprintf(what, sizeof what, "%s case %d (%d tokens): cuda vs cpu", model, c, n);
-        expect_close(g, h, V, what);
+        hfref_expect_close(g, h, V, CUDA_TOL, what);
         /* every position of the shorter prompts (causal masking inside a prefill call) */
         if (n <= 64) {
             float *ga = run_alone(&r, gpu, ids, n, FWD_ALL, 0);
@@ -222,10 +198,10 @@ static void check_prefill(const char *model)
             for (int p = 0; p < n; p++) {
                 snprintf(what, sizeof what, "%s case %d position %d: cuda vs cpu (FWD_ALL)",
                          model, c, p);
-                expect_close(ga + (size_t)p * V, ha + (size_t)p * V, V, what);
+                hfref_expect_close(ga + (size_t)p * V, ha + (size_t)p * V, V, CUDA_TOL, what);
             }
             snprintf(what, sizeof what, "%s case %d: FWD_ALL last row vs FWD_LAST", model, c);
-            expect_close(ga + (size_t)(n - 1) * V, g, V, what);
+            hfref_expect_close(ga + (size_t)(n - 1) * V, g, V, CUDA_TOL, what);
             free(ga);
             free(ha);
         }
@@ -319,10 +295,10 @@ static void check_batches(const char *model)
             int c = s % nc;
             snprintf(what, sizeof what, "%s batch %d row %d (case %d): cuda vs HF", model, B, s,
                      c);
-            expect_close(out + (size_t)s * V, ref_last_logits(&r, c), V, what);
+            hfref_expect_close(out + (size_t)s * V, ref_last_logits(&r, c), V, CUDA_TOL, what);
             snprintf(what, sizeof what, "%s batch %d row %d (case %d): cuda vs cpu", model, B, s,
                      c);
-            expect_close(out + (size_t)s * V, cpu_last[c], V, what);
+            hfref_expect_close(out + (size_t)s * V, cpu_last[c], V, CUDA_TOL, what);
         }
         for (int s = 0; s < B; s++) {
             samp[s] = (struct fwd_sample){.temperature = 0, .top_p = 1, .seed = 5,
@@ -337,7 +313,7 @@ static void check_batches(const char *model)
         for (int s = 0; s < B; s++) {
             float gap;
             int best = argmax(out + (size_t)s * V, V, &gap);
-            if (gap > 1e-3 * max_abs(out + (size_t)s * V, V))
+            if (gap > 1e-3 * hfref_max_abs(out + (size_t)s * V, V))
                 cr_expect_eq(drawn[s], best, "%s batch %d row %d: FWD_SAMPLE drew %d, argmax %d",
                              model, B, s, (int)drawn[s], best);
             else
@@ -408,9 +384,9 @@ Test(cuda, mixed_prefill_and_decode_in_one_call)
          .n_blocks = blocks_for(nb), .output = FWD_LAST, .out = out + 2 * (size_t)V},
     };
     fwd_ok(gpu, step, 3, "mixed step");
-    expect_close(out, ref_last_logits(&r, 1), V, "decode of case 1 beside a prefill");
-    expect_close(out + V, ref_last_logits(&r, 4), V, "prefill of case 4 beside decodes");
-    expect_close(out + 2 * (size_t)V, ref_last_logits(&r, 3), V,
+    hfref_expect_close(out, ref_last_logits(&r, 1), V, CUDA_TOL, "decode of case 1 beside a prefill");
+    hfref_expect_close(out + V, ref_last_logits(&r, 4), V, CUDA_TOL, "prefill of case 4 beside decodes");
+    hfref_expect_close(out + 2 * (size_t)V, ref_last_logits(&r, 3), V, CUDA_TOL,
                  "decode of case 3 beside a prefill");
     free(out);
     free(a);
@@ -489,7 +465,7 @@ Test(cuda, shared_prefix_samples_match_cpu)
             snprintf(what, sizeof what, "shared prefix of %d tokens, step %d, sample %d", n, st,
                      s);
             size_t row = ((size_t)st * SH_N + s) * V;
-            expect_close(g + row, h + row, V, what);
+            hfref_expect_close(g + row, h + row, V, CUDA_TOL, what);
         }
     free(g);
     free(h);
@@ -605,7 +581,7 @@ Test(cuda, reward_logit0_matches_hf)
             want[c] = json_real_value(json_object_get(json_array_get(cases, (size_t)c),
                                                       "score_logit0"));
             float *last = run_alone(&r, cpu, convs[c], lens[c], FWD_LAST, 0);
-            tol[c] = CUDA_TOL * max_abs(last, r.cfg->vocab_size);
+            tol[c] = CUDA_TOL * hfref_max_abs(last, r.cfg->vocab_size);
             free(last);
             float *score = run_alone(&r, gpu, convs[c], lens[c], FWD_LOGIT0, 0);
             cr_expect(fabs(score[0] - want[c]) <= tol[c],
@@ -688,7 +664,7 @@ Test(cuda, impossible_jobs_are_clear_errors)
     toks[1] = 2;
     fwd_ok(be, &s, 1, "good call after errors");
     float *want = run_alone(&r, be, toks, 3, FWD_LAST, 4);
-    expect_close(out, want, r.cfg->vocab_size, "after errors");
+    hfref_expect_close(out, want, r.cfg->vocab_size, CUDA_TOL, "after errors");
     free(want);
     free(out);
     free(ids);

@@ -38,31 +38,6 @@ static const float *ref_last_logits(const struct hfref *r, json_t *c)
     return r->last + off / sizeof(float);
 }
 
-static double max_abs(const float *a, int n)
-{
-    float m = 0;
-    for (int i = 0; i < n; i++) {
-        float v = fabsf(a[i]);
-        m = v > m ? v : m;
-    }
-    return m;
-}
-
-static void expect_close(const float *got, const float *want, int n, const char *what)
-{
-    double tol = REL_TOL * max_abs(want, n), worst = 0;
-    int at = 0;
-    for (int i = 0; i < n; i++) {
-        double d = fabs((double)got[i] - (double)want[i]);
-        if (!(d <= worst)) {
-            worst = d;
-            at = i;
-        }
-    }
-    cr_expect(worst <= tol, "%s: max |diff| %g at id %d (got %g, want %g) > tol %g", what,
-              worst, at, (double)got[at], (double)want[at], tol);
-}
-
 /* The reference's top-5 tokens have our logits within tol, and our 5 highest logits equal its
  * 5 highest within tol: together, the same top 5 up to genuine near-ties. */
 static void expect_top5(const float *row, int vocab, json_t *ids, json_t *vals, double tol,
@@ -177,9 +152,9 @@ static void check_prefill(const char *model)
         float *all = run_alone(&r, be, ids, n, FWD_ALL);
         char what[128];
         snprintf(what, sizeof what, "%s prefill case %zu (%d tokens) last logits", model, c, n);
-        expect_close(all + (size_t)(n - 1) * V, want, V, what);
+        hfref_expect_close(all + (size_t)(n - 1) * V, want, V, REL_TOL, what);
 
-        double tol = REL_TOL * max_abs(want, V);
+        double tol = REL_TOL * hfref_max_abs(want, V);
         json_t *t5i = json_object_get(cs, "top5_ids"), *t5v = json_object_get(cs, "top5_logits");
         cr_assert_eq((int)json_array_size(t5i), n);
         snprintf(what, sizeof what, "%s prefill case %zu", model, c);
@@ -234,7 +209,7 @@ static void check_chunked(const char *model)
                   "%s case %zu: chunked prefill differs from one call", model, c);
         char what[128];
         snprintf(what, sizeof what, "%s chunked case %zu", model, c);
-        expect_close(out, ref_last_logits(&r, cs), V, what);
+        hfref_expect_close(out, ref_last_logits(&r, cs), V, REL_TOL, what);
         free(out);
         free(table);
         free(whole);
@@ -289,7 +264,7 @@ static void check_greedy(const char *model)
                 }
             }
             if (margin >= 0.05) {
-                double tol = REL_TOL * max_abs(out, V);
+                double tol = REL_TOL * hfref_max_abs(out, V);
                 cr_expect_eq(best, gen[step], "%s greedy case %zu step %d: id %d, reference %d",
                              model, c, step, best, (int)gen[step]);
                 cr_expect(fabs((double)out[best] - out[second] - margin) <= 2 * tol,
@@ -339,7 +314,7 @@ Test(forward, reward_logit0_matches_hf)
             double want = json_real_value(json_object_get(cs, "score_logit0"));
             float *score = run_alone(&r, be, ids, n, FWD_LOGIT0);
             float *last = run_alone(&r, be, ids, n, FWD_LAST);
-            double tol = REL_TOL * max_abs(last, r.cfg->vocab_size);
+            double tol = REL_TOL * hfref_max_abs(last, r.cfg->vocab_size);
             cr_expect(fabs(score[0] - want) <= tol, "%s reward case %zu: %g, reference %g",
                       models[m], c, (double)score[0], want);
             cr_expect(memcmp(score, last, sizeof *score) == 0,
@@ -722,7 +697,7 @@ Test(forward, every_isa_matches_hf)
         float *whole = run_alone(&r, be, ids, n, FWD_LAST);
         char what[64];
         snprintf(what, sizeof what, "isa %s", cpu_isa_name(isas[i]));
-        expect_close(whole, ref_last_logits(&r, cs), V, what);
+        hfref_expect_close(whole, ref_last_logits(&r, cs), V, REL_TOL, what);
 
         int32_t table[4] = {8, 9, 10, 11};
         float *out = logits_alloc(&r, 1);
@@ -787,7 +762,7 @@ Test(forward, random_weights_every_dtype)
         for (int i = 0; i < c.vocab_size; i++)
             finite &= isfinite(alone[i]) && isfinite(b2[i]);
         cr_expect(finite, "%s: non-finite logits", dtype_name(dts[d]));
-        cr_expect(max_abs(alone, c.vocab_size) > 0, "%s: all-zero logits", dtype_name(dts[d]));
+        cr_expect(hfref_max_abs(alone, c.vocab_size) > 0, "%s: all-zero logits", dtype_name(dts[d]));
         cr_expect(memcmp(alone, a2, sizeof alone) == 0, "%s: batched differs from alone",
                   dtype_name(dts[d]));
         be->ops->destroy(be);
