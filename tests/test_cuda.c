@@ -384,10 +384,12 @@ Test(cuda, mixed_prefill_and_decode_in_one_call)
          .n_blocks = blocks_for(nb), .output = FWD_LAST, .out = out + 2 * (size_t)V},
     };
     fwd_ok(gpu, step, 3, "mixed step");
-    hfref_expect_close(out, ref_last_logits(&r, 1), V, CUDA_TOL, "decode of case 1 beside a prefill");
-    hfref_expect_close(out + V, ref_last_logits(&r, 4), V, CUDA_TOL, "prefill of case 4 beside decodes");
+    hfref_expect_close(out, ref_last_logits(&r, 1), V, CUDA_TOL,
+                       "decode of case 1 beside a prefill");
+    hfref_expect_close(out + V, ref_last_logits(&r, 4), V, CUDA_TOL,
+                       "prefill of case 4 beside decodes");
     hfref_expect_close(out + 2 * (size_t)V, ref_last_logits(&r, 3), V, CUDA_TOL,
-                 "decode of case 3 beside a prefill");
+                       "decode of case 3 beside a prefill");
     free(out);
     free(a);
     free(b);

@@ -762,7 +762,8 @@ Test(forward, random_weights_every_dtype)
         for (int i = 0; i < c.vocab_size; i++)
             finite &= isfinite(alone[i]) && isfinite(b2[i]);
         cr_expect(finite, "%s: non-finite logits", dtype_name(dts[d]));
-        cr_expect(hfref_max_abs(alone, c.vocab_size) > 0, "%s: all-zero logits", dtype_name(dts[d]));
+        cr_expect(hfref_max_abs(alone, c.vocab_size) > 0, "%s: all-zero logits",
+                  dtype_name(dts[d]));
         cr_expect(memcmp(alone, a2, sizeof alone) == 0, "%s: batched differs from alone",
                   dtype_name(dts[d]));
         be->ops->destroy(be);
