@@ -41,6 +41,16 @@ json_t *hfref_cases(const struct hfref *r, const char *kind)
     return a;
 }
 
+const float *hfref_last_logits(const struct hfref *r, const json_t *c)
+{
+    size_t off = (size_t)json_integer_value(json_object_get(c, "last_logits_offset_bytes"));
+    size_t cnt = (size_t)json_integer_value(json_object_get(c, "last_logits_count"));
+    cr_assert_eq(cnt, (size_t)r->cfg->vocab_size);
+    cr_assert(off % sizeof(float) == 0 && off / sizeof(float) + cnt <= r->n_last,
+              "last logits out of the .f32 file");
+    return r->last + off / sizeof(float);
+}
+
 int32_t *hfref_ids(const json_t *arr, int *n)
 {
     cr_assert(json_is_array(arr));

@@ -28,6 +28,10 @@ void hfref_close(struct hfref *r);
  * otherwise. */
 json_t *hfref_cases(const struct hfref *r, const char *kind);
 
+/* The reference's last-position logits (vocab_size floats, inside r->last) of one element of
+ * the "prefill" array; fails the test when its offsets do not fit the .f32 file. */
+const float *hfref_last_logits(const struct hfref *r, const json_t *prefill_case);
+
 /* A JSON array of integers as a heap int32 array (one spare slot); *n gets its length. */
 int32_t *hfref_ids(const json_t *arr, int *n);
 

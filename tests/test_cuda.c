@@ -67,15 +67,10 @@ static int32_t *case_ids(const struct hfref *r, const char *kind, int c, int *n)
                      n);
 }
 
+/* Case c of the "prefill" reference's last-position logits. */
 static const float *ref_last_logits(const struct hfref *r, int c)
 {
-    json_t *cs = json_array_get(hfref_cases(r, "prefill"), (size_t)c);
-    size_t off = (size_t)json_integer_value(json_object_get(cs, "last_logits_offset_bytes"));
-    size_t cnt = (size_t)json_integer_value(json_object_get(cs, "last_logits_count"));
-    cr_assert_eq(cnt, (size_t)r->cfg->vocab_size);
-    cr_assert(off % sizeof(float) == 0 && off / sizeof(float) + cnt <= r->n_last,
-              "last logits out of the .f32 file");
-    return r->last + off / sizeof(float);
+    return hfref_last_logits(r, json_array_get(hfref_cases(r, "prefill"), (size_t)c));
 }
 
 static int argmax(const float *row, int n, float *gap)

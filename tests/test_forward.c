@@ -28,16 +28,6 @@
 
 /* ---- reference data ------------------------------------------------------------------------ */
 
-static const float *ref_last_logits(const struct hfref *r, json_t *c)
-{
-    size_t off = (size_t)json_integer_value(json_object_get(c, "last_logits_offset_bytes"));
-    size_t cnt = (size_t)json_integer_value(json_object_get(c, "last_logits_count"));
-    cr_assert_eq(cnt, (size_t)r->cfg->vocab_size);
-    cr_assert(off % sizeof(float) == 0 && off / sizeof(float) + cnt <= r->n_last,
-              "last logits out of the .f32 file");
-    return r->last + off / sizeof(float);
-}
-
 /* The reference's top-5 tokens have our logits within tol, and our 5 highest logits equal its
  * 5 highest within tol: together, the same top 5 up to genuine near-ties. */
 static void expect_top5(const float *row, int vocab, json_t *ids, json_t *vals, double tol,
@@ -148,7 +138,7 @@ static void check_prefill(const char *model)
         json_t *cs = json_array_get(cases, c);
         int n;
         int32_t *ids = hfref_ids(json_object_get(cs, "input_ids"), &n);
-        const float *want = ref_last_logits(&r, cs);
+        const float *want = hfref_last_logits(&r, cs);
         float *all = run_alone(&r, be, ids, n, FWD_ALL);
         char what[128];
         snprintf(what, sizeof what, "%s prefill case %zu (%d tokens) last logits", model, c, n);
@@ -209,7 +199,7 @@ static void check_chunked(const char *model)
                   "%s case %zu: chunked prefill differs from one call", model, c);
         char what[128];
         snprintf(what, sizeof what, "%s chunked case %zu", model, c);
-        hfref_expect_close(out, ref_last_logits(&r, cs), V, REL_TOL, what);
+        hfref_expect_close(out, hfref_last_logits(&r, cs), V, REL_TOL, what);
         free(out);
         free(table);
         free(whole);
@@ -697,7 +687,7 @@ Test(forward, every_isa_matches_hf)
         float *whole = run_alone(&r, be, ids, n, FWD_LAST);
         char what[64];
         snprintf(what, sizeof what, "isa %s", cpu_isa_name(isas[i]));
-        hfref_expect_close(whole, ref_last_logits(&r, cs), V, REL_TOL, what);
+        hfref_expect_close(whole, hfref_last_logits(&r, cs), V, REL_TOL, what);
 
         int32_t table[4] = {8, 9, 10, 11};
         float *out = logits_alloc(&r, 1);

@@ -39,13 +39,6 @@
 #define PATH_BYTES 1200
 #define ARGS_BYTES 4300
 
-static uint64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
 /* ---- the daemon ------------------------------------------------------------------------------ */
 
 static char g_dir[DIR_BYTES];   /* scratch directory of this test */
@@ -58,22 +51,7 @@ static void *g_zctx;
 /* The last lines of the daemon's log, for failure messages. */
 static const char *log_tail(void)
 {
-    static char tail[3000];
-    char *all = tu_read_file(g_log, NULL);
-    if (!all)
-        return "(no log)";
-    size_t n = strlen(all);
-    const char *p = n > sizeof tail - 1 ? all + n - (sizeof tail - 1) : all;
-    snprintf(tail, sizeof tail, "%s", p);
-    free(all);
-    return tail;
-}
-
-static void write_file(const char *dir, const char *name, const char *text)
-{
-    char path[PATH_BYTES];
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    cr_assert_eq(tu_write_file(path, text, strlen(text)), 0, "cannot write %s", path);
+    return tu_file_tail(g_log, 3000);
 }
 
 /* Minimal templates of the shape templates.h asks for; the test does not depend on the
@@ -81,13 +59,13 @@ static void write_file(const char *dir, const char *name, const char *text)
 static void write_templates(const char *dir)
 {
     mkdir(dir, 0700);
-    write_file(dir, "instruct.tmpl", "# drafts: the conversation as it is\n@conversation\n");
-    write_file(dir, "feedback.tmpl",
+    tu_write_in(dir, "instruct.tmpl", "# drafts: the conversation as it is\n@conversation\n");
+    tu_write_in(dir, "feedback.tmpl",
                "@conversation\n@assistant\n{response}\n@user\nEvaluate the response.\n");
-    write_file(dir, "edit.tmpl",
+    tu_write_in(dir, "edit.tmpl",
                "@conversation\n@assistant\n{response}\n@user\nEdit the response using:\n"
                "{feedback}\n");
-    write_file(dir, "select.tmpl", "@user\n{prompt}\n@assistant\n{response}\n");
+    tu_write_in(dir, "select.tmpl", "@user\n{prompt}\n@assistant\n{response}\n");
 }
 
 static void daemon_exec(char **argv);
@@ -162,9 +140,9 @@ static void daemon_exec(char **argv)
     char fpath[PATH_BYTES], bpath[PATH_BYTES];
     snprintf(fpath, sizeof fpath, "%s/front.sock", g_dir);
     snprintf(bpath, sizeof bpath, "%s/back.sock", g_dir);
-    uint64_t end = now_ms() + 10000;
+    uint64_t end = tu_now_ms() + 10000;
     struct stat st;
-    while (now_ms() < end) {
+    while (tu_now_ms() < end) {
         int status;
         if (waitpid(g_pid, &status, WNOHANG) == g_pid) {
             g_pid = -1;
@@ -183,10 +161,10 @@ static void daemon_stop(void)
     if (g_pid <= 0)
         return;
     kill(g_pid, SIGTERM);
-    uint64_t end = now_ms() + 5000;
+    uint64_t end = tu_now_ms() + 5000;
     int status = 0;
     pid_t got = 0;
-    while (now_ms() < end && (got = waitpid(g_pid, &status, WNOHANG)) == 0)
+    while (tu_now_ms() < end && (got = waitpid(g_pid, &status, WNOHANG)) == 0)
         usleep(5000);
     if (got != g_pid) {
         kill(g_pid, SIGKILL);
@@ -313,7 +291,7 @@ static struct worker *worker_new(enum proto_role role, const char *name, uint32_
         .worker = w->name, .role = role, .model = "fake-model", .backend = "cpu",
         .capacity = {.max_seqs = max_seqs, .max_ctx = 8192, .kv_tokens = 65536}};
     send_msg(w->s, &m);
-    w->next_hb_ms = now_ms() + HB_MS;
+    w->next_hb_ms = tu_now_ms() + HB_MS;
     return w;
 }
 
@@ -466,9 +444,9 @@ static bool worker_cancelled(const struct worker *w, uint64_t job)
  * go to the inbox. */
 static void pump(int ms)
 {
-    uint64_t end = now_ms() + (uint64_t)ms;
+    uint64_t end = tu_now_ms() + (uint64_t)ms;
     for (;;) {
-        uint64_t now = now_ms();
+        uint64_t now = tu_now_ms();
         for (int i = 0; i < g_n_workers; i++) {
             struct worker *w = &g_w[i];
             if (w->s && !w->silent && now >= w->next_hb_ms) {
@@ -498,15 +476,15 @@ static void pump(int ms)
                 g_inbox[g_n_inbox++] = m;
             }
         }
-        if (now_ms() >= end)
+        if (tu_now_ms() >= end)
             return;
     }
 }
 
 #define PUMP_UNTIL(cond, ms)                                                                     \
     do {                                                                                         \
-        uint64_t until_ = now_ms() + (ms);                                                       \
-        while (!(cond) && now_ms() < until_)                                                     \
+        uint64_t until_ = tu_now_ms() + (ms);                                                       \
+        while (!(cond) && tu_now_ms() < until_)                                                     \
             pump(5);                                                                             \
     } while (0)
 
@@ -698,8 +676,8 @@ Test(itsd, registration_and_status)
     /* itsd heartbeats its workers */
     struct proto_msg hb;
     int got = 0;
-    uint64_t end = now_ms() + 1000;
-    while (!got && now_ms() < end) {
+    uint64_t end = tu_now_ms() + 1000;
+    while (!got && tu_now_ms() < end) {
         zmq_pollitem_t it = {.socket = g_w[0].s, .events = ZMQ_POLLIN};
         zmq_poll(&it, 1, 50);
         while (recv_now(g_w[0].s, PROTO_TO_WORKER, &hb)) {
@@ -801,7 +779,7 @@ Test(itsd, silent_worker_job_is_redispatched)
     worker_new(PROTO_ROLE_SELECT, "w-select", 8);
     a->silent_on_job = b->silent_on_job = true;
     pump(200);
-    uint64_t t0 = now_ms();
+    uint64_t t0 = tu_now_ms();
     char *id = submit(3, 1, 1, 1, 20000);
     struct proto_msg res = expect(PROTO_RESULT, 10000);
     check_result(&res.result, id, 1);
@@ -812,7 +790,7 @@ Test(itsd, silent_worker_job_is_redispatched)
     assert_same_work(&alive->jobs[0], &dead->jobs[0]);
     /* its last heartbeat was at most one interval before the job: it expires at least
      * (liveness - 1) intervals after the submit */
-    cr_assert_geq(now_ms() - t0, HB_MS * 2, "re-dispatched before the worker could expire");
+    cr_assert_geq(tu_now_ms() - t0, HB_MS * 2, "re-dispatched before the worker could expire");
     proto_msg_free(&res);
     struct proto_msg st = status(9);
     cr_assert_eq(st.status_reply.roles.instruct, 1, "the silent worker is still listed");
@@ -830,10 +808,10 @@ Test(itsd, vanished_feedback_role_fails_naming_it)
     /* the only feedback worker dies (its socket closes, heartbeats stop) */
     sock_close(g_w[1].s);
     g_w[1].s = NULL;
-    uint64_t t0 = now_ms();
+    uint64_t t0 = tu_now_ms();
     char *id = submit(4, 1, 2, 1, 10000);
     struct proto_msg e = expect(PROTO_ERROR, 8000);
-    uint64_t took = now_ms() - t0;
+    uint64_t took = tu_now_ms() - t0;
     cr_assert_eq(e.error.code, PROTO_ERR_NO_WORKER, "code %s: %s", proto_err_name(e.error.code),
                  e.error.message);
     cr_assert_str_eq(e.error.id, id);
@@ -855,10 +833,10 @@ Test(itsd, deadline_returns_partial_result_and_cancels)
     struct worker *ed = &g_w[2];
     ed->answer_limit = 1; /* the second edit never comes back */
     pump(200);
-    uint64_t t0 = now_ms();
+    uint64_t t0 = tu_now_ms();
     char *id = submit(5, 2, 1, 1, 1500);
     struct proto_msg res = expect(PROTO_RESULT, 6000);
-    uint64_t took = now_ms() - t0;
+    uint64_t took = tu_now_ms() - t0;
     cr_assert(res.result.partial, "a result before the deadline should not be partial");
     cr_assert_geq(took, 1400, "partial result after %llu ms, deadline 1500",
                   (unsigned long long)took);
@@ -960,7 +938,7 @@ Test(itsd, submit_from_an_already_closed_connection_is_cancelled)
     send_msg(orphan, &ask);
     struct proto_msg reply;
     int got = 0;
-    for (uint64_t until = now_ms() + 3000; !got && now_ms() < until;) {
+    for (uint64_t until = tu_now_ms() + 3000; !got && tu_now_ms() < until;) {
         pump(5);
         got = recv_now(orphan, PROTO_TO_CLIENT, &reply);
     }
@@ -990,7 +968,7 @@ Test(itsd, submit_from_an_already_closed_connection_is_cancelled)
     cr_assert_eq(kill(g_pid, SIGCONT), 0);
 
     uint32_t in_flight = 1, queued = 1;
-    for (uint64_t until = now_ms() + 3000; (in_flight || queued) && now_ms() < until;) {
+    for (uint64_t until = tu_now_ms() + 3000; (in_flight || queued) && tu_now_ms() < until;) {
         pump(50);
         st = status(4);
         in_flight = st.status_reply.in_flight;
@@ -1084,10 +1062,10 @@ Test(itsd, disconnecting_worker_hands_its_job_on_at_once)
     dc.disconnect.reason = "SIGTERM: draining";
     send_msg(leaving->s, &dc);
     leaving->silent = true;
-    uint64_t t0 = now_ms();
+    uint64_t t0 = tu_now_ms();
     PUMP_UNTIL(staying->n_jobs == 1, 1500);
     cr_assert_eq(staying->n_jobs, 1, "the job of the leaving worker was not handed on");
-    cr_assert_lt(now_ms() - t0, 1000, "handed on only at heartbeat expiry");
+    cr_assert_lt(tu_now_ms() - t0, 1000, "handed on only at heartbeat expiry");
     assert_same_work(&staying->jobs[0], &leaving->jobs[0]);
     staying->manual = false;
     worker_answer(staying, &staying->jobs[0]);
@@ -1141,7 +1119,7 @@ Test(itsd, sigterm_drains_then_ends_running_requests)
     char *id = submit(40, 1, 1, 1, 20000);
     PUMP_UNTIL(g_w[0].n_jobs == 1, 3000);
     cr_assert_eq(g_w[0].n_jobs, 1);
-    uint64_t t0 = now_ms();
+    uint64_t t0 = tu_now_ms();
     kill(g_pid, SIGTERM);
     pump(100);
     /* no new work while draining */
@@ -1156,15 +1134,15 @@ Test(itsd, sigterm_drains_then_ends_running_requests)
     e = expect(PROTO_ERROR, 4000);
     cr_assert_eq(e.error.code, PROTO_ERR_SHUTTING_DOWN, "%s", e.error.message);
     cr_assert_str_eq(e.error.id, id);
-    cr_assert_geq(now_ms() - t0, 900, "ended before the drain time");
+    cr_assert_geq(tu_now_ms() - t0, 900, "ended before the drain time");
     uint64_t job = job_id(&g_w[0].jobs[0]);
     PUMP_UNTIL(worker_cancelled(&g_w[0], job), 2000);
     cr_assert(worker_cancelled(&g_w[0], job), "cancel_job was lost at exit");
     proto_msg_free(&e);
     int status = 0;
-    uint64_t end = now_ms() + 5000;
+    uint64_t end = tu_now_ms() + 5000;
     pid_t got = 0;
-    while (now_ms() < end && (got = waitpid(g_pid, &status, WNOHANG)) == 0)
+    while (tu_now_ms() < end && (got = waitpid(g_pid, &status, WNOHANG)) == 0)
         usleep(5000);
     cr_assert_eq(got, g_pid, "itsd did not exit: %s", log_tail());
     g_pid = -1;
@@ -1262,8 +1240,8 @@ Test(itsd, malformed_frames_are_answered_and_service_goes_on)
     send_raw(rogue, "\x93\x01\x02", 3, 0);
     struct proto_msg we;
     bool got = false;
-    uint64_t end = now_ms() + 3000;
-    while (!got && now_ms() < end) {
+    uint64_t end = tu_now_ms() + 3000;
+    while (!got && tu_now_ms() < end) {
         zmq_pollitem_t it = {.socket = rogue, .events = ZMQ_POLLIN};
         zmq_poll(&it, 1, 20);
         got = recv_now(rogue, PROTO_TO_WORKER, &we);
@@ -1274,8 +1252,8 @@ Test(itsd, malformed_frames_are_answered_and_service_goes_on)
     struct proto_msg hb = {.type = PROTO_HEARTBEAT};
     send_msg(rogue, &hb);
     got = false;
-    end = now_ms() + 3000;
-    while (!got && now_ms() < end) {
+    end = tu_now_ms() + 3000;
+    while (!got && tu_now_ms() < end) {
         zmq_pollitem_t it = {.socket = rogue, .events = ZMQ_POLLIN};
         zmq_poll(&it, 1, 20);
         got = recv_now(rogue, PROTO_TO_WORKER, &we);
@@ -1368,7 +1346,7 @@ Test(itsd, check_config_good_and_bad)
     snprintf(tpl, sizeof tpl, "%s/prompts", g_dir);
     write_templates(tpl);
     /* relative paths in a file are relative to the file */
-    write_file(g_dir, "good.conf",
+    tu_write_in(g_dir, "good.conf",
                "# a good file\n[itsd]\nfrontend = ipc:///tmp/x-front\ntemplates = prompts\n"
                "[pipeline]\ndrafts = 2 ; inline comment\n[instruct]\ntemperature = 0.5\n");
     char args[ARGS_BYTES];
@@ -1377,7 +1355,7 @@ Test(itsd, check_config_good_and_bad)
     cr_assert_eq(r.status, 0, "itsd -t on a good file: %s", r.err);
     run_free(&r);
 
-    write_file(g_dir, "bad.conf",
+    tu_write_in(g_dir, "bad.conf",
                "[itsd]\n"                          /* 1 */
                "heartbeat_ms = 500\n"              /* 2 */
                "no_such_key = 1\n"                 /* 3: unknown key */
@@ -1535,7 +1513,7 @@ static void write_conf(const char *log_level, const char *rest)
              "[itsd]\nfrontend = %s\nbackend = %s\ntemplates = tpl\nheartbeat_ms = %d\n"
              "liveness = 3\nshutdown_ms = 1000\nlog_level = %s\n%s",
              g_front, g_back, HB_MS, log_level, rest);
-    write_file(g_dir, "itsd.conf", text);
+    tu_write_in(g_dir, "itsd.conf", text);
 }
 
 /* Starts itsd with --config g_dir/itsd.conf and nothing else, so that every setting comes from
@@ -1666,7 +1644,7 @@ Test(itsd, reload_keeps_running_requests_on_their_settings_and_templates)
                         "edits = 1\n");
     char tpl[PATH_BYTES];
     snprintf(tpl, sizeof tpl, "%s/tpl", g_dir);
-    write_file(tpl, "feedback.tmpl",
+    tu_write_in(tpl, "feedback.tmpl",
                "@conversation\n@assistant\n{response}\n@user\nCritique it, reloaded.\n");
     cr_assert(reload(), "%s", log_tail());
     cr_assert_eq(log_count("changed [pipeline] drafts, feedback template;"), 1, "%s",
@@ -1725,7 +1703,7 @@ Test(itsd, reload_refuses_a_bad_configuration_whole)
     write_conf("info", "[limits]\nmax_inflight = 1\nmax_queued = 5\n");
     char tpl[PATH_BYTES];
     snprintf(tpl, sizeof tpl, "%s/tpl", g_dir);
-    write_file(tpl, "edit.tmpl", "@conversation\n@user\n{response} but no feedback\n");
+    tu_write_in(tpl, "edit.tmpl", "@conversation\n@user\n{response} but no feedback\n");
     cr_assert(!reload(), "a broken template was applied: %s", log_tail());
     cr_assert_eq(log_count("reload: templates:"), 1, "%s", log_tail());
     cr_assert_eq(log_count("edit.tmpl"), 1, "the template problem is not named: %s",
@@ -1760,7 +1738,7 @@ Test(itsd, reload_warns_about_restart_only_keys_and_keeps_them)
              "[itsd]\nfrontend = %s\nbackend = %s\ntemplates = tpl\nheartbeat_ms = %d\n"
              "liveness = 3\nshutdown_ms = 1000\nlog_level = info\nhwm = 77\n%s",
              moved, g_back, HB_MS, rest);
-    write_file(g_dir, "itsd.conf", text);
+    tu_write_in(g_dir, "itsd.conf", text);
     cr_assert(reload(), "%s", log_tail());
     char want[2 * PATH_BYTES + 100];
     snprintf(want, sizeof want, "reload: [itsd] frontend = %s needs a restart; it stays %s",
@@ -1857,8 +1835,8 @@ Test(itsd, reload_tells_systemd_reloading_then_ready)
     unsetenv("NOTIFY_SOCKET");
     static char got[8192];
     got[0] = '\0';
-    uint64_t end = now_ms() + 3000;
-    while (!strstr(got, "READY=1") && now_ms() < end) {
+    uint64_t end = tu_now_ms() + 3000;
+    while (!strstr(got, "READY=1") && tu_now_ms() < end) {
         notify_drain(fd, got, sizeof got);
         usleep(5000);
     }
@@ -1870,8 +1848,8 @@ Test(itsd, reload_tells_systemd_reloading_then_ready)
     got[0] = '\0';
     write_conf("info", "[limits]\nmax_queued = 4\n");
     cr_assert(reload(), "%s", log_tail());
-    end = now_ms() + 3000;
-    while (!strstr(got, "READY=1") && now_ms() < end) {
+    end = tu_now_ms() + 3000;
+    while (!strstr(got, "READY=1") && tu_now_ms() < end) {
         notify_drain(fd, got, sizeof got);
         usleep(5000);
     }
@@ -1884,6 +1862,6 @@ Test(itsd, reload_tells_systemd_reloading_then_ready)
     unsigned long long usec = strtoull(reloading + strlen("RELOADING=1\nMONOTONIC_USEC="), NULL,
                                        10);
     cr_assert_gt(usec, 0ull);
-    cr_assert_leq(usec, now_ms() * 1000ull, "MONOTONIC_USEC %llu is in the future", usec);
+    cr_assert_leq(usec, tu_now_ms() * 1000ull, "MONOTONIC_USEC %llu is in the future", usec);
     daemon_stop();
 }

@@ -37,13 +37,6 @@
 
 #define PATH_BYTES 1200
 
-static uint64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
 /* ---- reading the exposition text ------------------------------------------------------------ */
 
 /* The value of the sample whose name and labels are exactly `series` (e.g.
@@ -380,34 +373,7 @@ static void *g_client;
 
 static const char *log_tail(void)
 {
-    static char tail[2500];
-    char *all = tu_read_file(g_log, NULL);
-    if (!all)
-        return "(no log)";
-    size_t n = strlen(all);
-    snprintf(tail, sizeof tail, "%s", n > sizeof tail - 1 ? all + n - (sizeof tail - 1) : all);
-    free(all);
-    return tail;
-}
-
-static void write_file(const char *dir, const char *name, const char *text)
-{
-    char path[PATH_BYTES + 64];
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    cr_assert_eq(tu_write_file(path, text, strlen(text)), 0, "cannot write %s", path);
-}
-
-/* A port nothing listens on now (the kernel's pick for port 0, released again). */
-static unsigned free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    cr_assert_geq(fd, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    cr_assert_eq(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
-    socklen_t len = sizeof a;
-    cr_assert_eq(getsockname(fd, (struct sockaddr *)&a, &len), 0);
-    close(fd);
-    return ntohs(a.sin_port);
+    return tu_file_tail(g_log, 2500);
 }
 
 /* One HTTP/1.0 exchange with itsd's endpoint: returns the status code, *body (malloc'd) the
@@ -416,7 +382,7 @@ static int http(const char *request, char **body)
 {
     *body = NULL;
     int fd = -1;
-    for (uint64_t end = now_ms() + 5000;;) {
+    for (uint64_t end = tu_now_ms() + 5000;;) {
         fd = socket(AF_INET, SOCK_STREAM, 0);
         cr_assert_geq(fd, 0);
         struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)g_port),
@@ -424,7 +390,7 @@ static int http(const char *request, char **body)
         if (connect(fd, (struct sockaddr *)&a, sizeof a) == 0)
             break;
         close(fd);
-        cr_assert(now_ms() < end, "cannot connect to 127.0.0.1:%u: %s; itsd log: %s", g_port,
+        cr_assert(tu_now_ms() < end, "cannot connect to 127.0.0.1:%u: %s; itsd log: %s", g_port,
                   strerror(errno), log_tail());
         usleep(10000);
     }
@@ -485,7 +451,7 @@ static void send_msg(void *s, const struct proto_msg *m)
 /* Fake workers: heartbeat, and answer every job at once (3 tokens per output). */
 static void workers_serve(void)
 {
-    uint64_t now = now_ms();
+    uint64_t now = tu_now_ms();
     for (int i = 0; i < N_WORKERS; i++) {
         struct fake *w = &g_w[i];
         if (now >= w->next_hb) {
@@ -532,7 +498,7 @@ static void workers_serve(void)
 /* Serves the workers until the client has a message; returns it decoded. */
 static struct proto_msg client_wait(int ms)
 {
-    for (uint64_t end = now_ms() + (uint64_t)ms; now_ms() < end;) {
+    for (uint64_t end = tu_now_ms() + (uint64_t)ms; tu_now_ms() < end;) {
         workers_serve();
         zmq_pollitem_t it = {.socket = g_client, .events = ZMQ_POLLIN};
         if (zmq_poll(&it, 1, 5) > 0) {
@@ -557,13 +523,13 @@ static void daemon_start(void)
     char tpl[PATH_BYTES + 16];
     snprintf(tpl, sizeof tpl, "%s/tpl", g_dir);
     mkdir(tpl, 0700);
-    write_file(tpl, "instruct.tmpl", "@conversation\n");
-    write_file(tpl, "feedback.tmpl",
+    tu_write_in(tpl, "instruct.tmpl", "@conversation\n");
+    tu_write_in(tpl, "feedback.tmpl",
                "@conversation\n@assistant\n{response}\n@user\nEvaluate the response.\n");
-    write_file(tpl, "edit.tmpl",
+    tu_write_in(tpl, "edit.tmpl",
                "@conversation\n@assistant\n{response}\n@user\nEdit it using:\n{feedback}\n");
-    write_file(tpl, "select.tmpl", "@user\n{prompt}\n@assistant\n{response}\n");
-    g_port = free_port();
+    tu_write_in(tpl, "select.tmpl", "@user\n{prompt}\n@assistant\n{response}\n");
+    g_port = tu_free_port();
     char listen[64], hb[16];
     snprintf(listen, sizeof listen, "127.0.0.1:%u", g_port);
     snprintf(hb, sizeof hb, "%d", HB_MS);
@@ -598,7 +564,7 @@ static void daemon_stop(void)
     kill(g_pid, SIGTERM);
     int status = 0;
     pid_t got = 0;
-    for (uint64_t end = now_ms() + 5000; now_ms() < end;) {
+    for (uint64_t end = tu_now_ms() + 5000; tu_now_ms() < end;) {
         if ((got = waitpid(g_pid, &status, WNOHANG)) == g_pid)
             break;
         usleep(5000);
@@ -699,14 +665,14 @@ Test(metrics, itsd_serves_metrics_that_move_and_match_status, .init = setup, .fi
     g_client = dealer(g_front, NULL);
     /* registered: the gauges say so */
     char *regd = NULL;
-    for (uint64_t end = now_ms() + 5000;;) {
+    for (uint64_t end = tu_now_ms() + 5000;;) {
         workers_serve();
         free(regd);
         regd = scrape();
         if (sample(regd, "its_workers{role=\"select\",state=\"ready\"}") == 1 &&
             sample(regd, "its_workers{role=\"instruct\",state=\"ready\"}") == 1)
             break;
-        cr_assert(now_ms() < end, "workers did not show as registered:\n%s", regd);
+        cr_assert(tu_now_ms() < end, "workers did not show as registered:\n%s", regd);
         usleep(20000);
     }
     free(regd);

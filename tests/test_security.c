@@ -45,13 +45,6 @@
 #define PATH_BYTES 1200
 #define SECRET "ZEBRA-7fq3-CONFIDENTIAL-QUESTION"
 
-static uint64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
 static char g_dir[1024];
 static char g_log[PATH_BYTES];
 static char g_front[128], g_back[128];
@@ -76,12 +69,7 @@ static char *log_text(void)
 
 static const char *log_tail(void)
 {
-    static char tail[2500];
-    char *all = log_text();
-    size_t n = strlen(all);
-    snprintf(tail, sizeof tail, "%s", n > sizeof tail - 1 ? all + n - (sizeof tail - 1) : all);
-    free(all);
-    return tail;
+    return tu_file_tail(g_log, 2500);
 }
 
 static int log_count(const char *needle)
@@ -96,8 +84,8 @@ static int log_count(const char *needle)
 
 static bool wait_log(const char *needle, int at_least, int ms)
 {
-    uint64_t end = now_ms() + (uint64_t)ms;
-    while (now_ms() < end) {
+    uint64_t end = tu_now_ms() + (uint64_t)ms;
+    while (tu_now_ms() < end) {
         if (log_count(needle) >= at_least)
             return true;
         usleep(10000);
@@ -117,19 +105,6 @@ static void copy_file(const char *from, const char *to)
     cr_assert_not_null(t, "cannot read %s", from);
     cr_assert_eq(tu_write_file(to, t, len), 0, "cannot write %s", to);
     free(t);
-}
-
-/* A loopback TCP port nobody listens on right now. */
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    cr_assert_geq(fd, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    cr_assert_eq(bind(fd, (struct sockaddr *)&a, sizeof a), 0, "bind: %s", strerror(errno));
-    socklen_t len = sizeof a;
-    getsockname(fd, (struct sockaddr *)&a, &len);
-    close(fd);
-    return ntohs(a.sin_port);
 }
 
 /* ---- keys ------------------------------------------------------------------------------------ */
@@ -209,10 +184,10 @@ static struct run run_prog(char **argv, char **env_set)
     snprintf(out, sizeof out, "%s/run.out", g_dir);
     snprintf(err, sizeof err, "%s/run.err", g_dir);
     pid_t pid = spawn(argv, out, err, env_set);
-    uint64_t end = now_ms() + 15000;
+    uint64_t end = tu_now_ms() + 15000;
     int st = 0;
     pid_t got = 0;
-    while ((got = waitpid(pid, &st, WNOHANG)) == 0 && now_ms() < end)
+    while ((got = waitpid(pid, &st, WNOHANG)) == 0 && tu_now_ms() < end)
         usleep(5000);
     if (got != pid) {
         kill(pid, SIGKILL);
@@ -238,8 +213,8 @@ static void run_free(struct run *r)
 /* itsd with the test's templates and fast heartbeats, then `extra` split on spaces. */
 static void itsd_start(const char *extra)
 {
-    g_front_port = free_port();
-    int back_port = free_port();
+    g_front_port = tu_free_port();
+    int back_port = tu_free_port();
     snprintf(g_front, sizeof g_front, "tcp://127.0.0.1:%d", g_front_port);
     snprintf(g_back, sizeof g_back, "tcp://127.0.0.1:%d", back_port);
     static char extra_buf[4096];
@@ -267,8 +242,8 @@ static void itsd_start(const char *extra)
         argv[argc++] = tok;
     argv[argc] = NULL;
     g_pid = spawn(argv, NULL, g_log, NULL);
-    uint64_t end = now_ms() + 10000;
-    while (now_ms() < end) {
+    uint64_t end = tu_now_ms() + 10000;
+    while (tu_now_ms() < end) {
         int st;
         if (waitpid(g_pid, &st, WNOHANG) == g_pid) {
             g_pid = -1;
@@ -286,10 +261,10 @@ static void itsd_stop(void)
     if (g_pid <= 0)
         return;
     kill(g_pid, SIGTERM);
-    uint64_t end = now_ms() + 5000;
+    uint64_t end = tu_now_ms() + 5000;
     int st = 0;
     pid_t got = 0;
-    while ((got = waitpid(g_pid, &st, WNOHANG)) == 0 && now_ms() < end)
+    while ((got = waitpid(g_pid, &st, WNOHANG)) == 0 && tu_now_ms() < end)
         usleep(5000);
     bool in_time = got == g_pid;
     if (!in_time) {
@@ -358,7 +333,7 @@ static struct worker *worker_new(enum proto_role role, const char *name, const c
         .worker = (char *)name, .role = role, .model = "fake", .backend = "cpu",
         .capacity = {.max_seqs = 8, .max_ctx = 4096, .kv_tokens = 65536}};
     send_msg(w->s, &m);
-    w->next_hb_ms = now_ms() + 100;
+    w->next_hb_ms = tu_now_ms() + 100;
     return w;
 }
 
@@ -413,13 +388,13 @@ static void worker_answer(struct worker *w, const struct proto_msg *job)
 /* Workers heartbeat and answer for `ms`. */
 static void pump(int ms)
 {
-    uint64_t end = now_ms() + (uint64_t)ms;
+    uint64_t end = tu_now_ms() + (uint64_t)ms;
     do {
         zmq_pollitem_t items[MAX_WORKERS];
         for (int i = 0; i < g_n_workers; i++)
             items[i] = (zmq_pollitem_t){.socket = g_w[i].s, .events = ZMQ_POLLIN};
         zmq_poll(items, g_n_workers, 2);
-        uint64_t now = now_ms();
+        uint64_t now = tu_now_ms();
         for (int i = 0; i < g_n_workers; i++) {
             struct worker *w = &g_w[i];
             if (now >= w->next_hb_ms) {
@@ -443,7 +418,7 @@ static void pump(int ms)
             }
             zmq_msg_close(&f);
         }
-    } while (now_ms() < end);
+    } while (tu_now_ms() < end);
 }
 
 static void full_cluster(const char *key)
@@ -493,8 +468,8 @@ static struct its_event *submit_and_wait(its_client_t *c, const char *question, 
     struct its_message m = {.role = ITS_CHAT_USER, .content = question};
     uint64_t tag;
     cr_assert_eq(its_submit_async(c, &m, 1, &o, &tag), 0, "%s", its_client_errstr(c));
-    uint64_t end = now_ms() + (uint64_t)ms;
-    while (now_ms() < end) {
+    uint64_t end = tu_now_ms() + (uint64_t)ms;
+    while (tu_now_ms() < end) {
         pump(5);
         struct its_event *ev = NULL;
         int rc = its_next_event(c, &ev, 5);
@@ -935,8 +910,8 @@ Test(security, sighup_adds_and_removes_keys_and_keeps_old_lists_when_broken)
 
 static struct its_event *next_event_of(its_client_t *c, uint64_t tag, int ms)
 {
-    uint64_t end = now_ms() + (uint64_t)ms;
-    while (now_ms() < end) {
+    uint64_t end = tu_now_ms() + (uint64_t)ms;
+    while (tu_now_ms() < end) {
         struct its_event *ev = NULL;
         int rc = its_next_event(c, &ev, 20);
         cr_assert_geq(rc, 0, "%s", its_client_errstr(c));
@@ -997,11 +972,11 @@ Test(security, requests_per_client_are_limited_by_key)
     /* a client that goes away gives its requests back */
     its_client_destroy(&alice2);
     its_client_t *alice3 = client_new(g_front, "alice");
-    uint64_t end = now_ms() + 5000;
+    uint64_t end = tu_now_ms() + 5000;
     for (;;) { /* itsd notices the closed connection within moments, not at once */
         uint64_t t5 = submit_async(alice3);
         ev = next_event_of(alice3, t5, 3000);
-        if (ev->type == ITS_EVENT_ACCEPTED || now_ms() > end)
+        if (ev->type == ITS_EVENT_ACCEPTED || tu_now_ms() > end)
             break;
         its_event_free(&ev);
         usleep(50000);
@@ -1199,8 +1174,8 @@ Test(security, itsw_serve_registers_only_with_a_listed_key)
     pid_t bad = itsw_start("real-bad", "wbad", bad_log);
     bool registered = wait_log("worker real-good registered", 1, 15000);
     bool refused = false;
-    uint64_t end = now_ms() + 5000;
-    while (!refused && now_ms() < end) {
+    uint64_t end = tu_now_ms() + 5000;
+    while (!refused && tu_now_ms() < end) {
         char *t = tu_read_file(bad_log, NULL);
         refused = t && strstr(t, "refused this worker's CURVE key");
         free(t);

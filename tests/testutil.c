@@ -2,11 +2,15 @@
 #include "testutil.h"
 
 #include <criterion/criterion.h>
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #define TU_SLOTS 32
@@ -112,4 +116,46 @@ void tu_rmtree(const char *path)
     snprintf(cmd, sizeof cmd, "rm -rf -- '%s'", path);
     if (system(cmd) != 0)
         fprintf(stderr, "testutil: could not remove %s\n", path);
+}
+
+uint64_t tu_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+const char *tu_file_tail(const char *path, size_t max)
+{
+    static char bufs[4][4096];
+    static unsigned next;
+    char *tail = bufs[next++ % 4];
+    if (max > sizeof bufs[0] - 1)
+        max = sizeof bufs[0] - 1;
+    char *all = tu_read_file(path, NULL);
+    if (!all)
+        return "(no log)";
+    size_t n = strlen(all);
+    snprintf(tail, max + 1, "%s", n > max ? all + n - max : all);
+    free(all);
+    return tail;
+}
+
+void tu_write_in(const char *dir, const char *name, const char *text)
+{
+    const char *path = tu_join(dir, name);
+    cr_assert_eq(tu_write_file(path, text, strlen(text)), 0, "cannot write %s", path);
+}
+
+int tu_free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    cr_assert_geq(fd, 0, "socket: %s", strerror(errno));
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    cr_assert_eq(bind(fd, (struct sockaddr *)&a, sizeof a), 0, "bind: %s", strerror(errno));
+    socklen_t len = sizeof a;
+    cr_assert_eq(getsockname(fd, (struct sockaddr *)&a, &len), 0, "getsockname: %s",
+                 strerror(errno));
+    close(fd);
+    return ntohs(a.sin_port);
 }

@@ -7,6 +7,7 @@
 #define ITS_TESTUTIL_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 /* Absolute path of `rel` under ../shared (ITS_SHARED), in a static buffer rotated over 32 calls.
  * When the shared folder is missing the calling test FAILS with a message saying so: golden
@@ -32,5 +33,18 @@ const char *tu_tmpdir(void);
 
 /* Removes a directory tree made by tu_tmpdir (best effort). */
 void tu_rmtree(const char *path);
+
+/* Milliseconds of CLOCK_MONOTONIC, for deadlines in tests. */
+uint64_t tu_now_ms(void);
+
+/* The last `max` bytes (at most 4095) of the file at `path`, for failure messages (a daemon's
+ * log); "(no log)" when it cannot be read. Static buffer rotated over 4 calls. */
+const char *tu_file_tail(const char *path, size_t max);
+
+/* Writes `text` to dir/name; fails the calling test when it cannot. */
+void tu_write_in(const char *dir, const char *name, const char *text);
+
+/* A loopback TCP port nothing listens on right now (the kernel's pick for port 0, released). */
+int tu_free_port(void);
 
 #endif
